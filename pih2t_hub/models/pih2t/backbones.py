@@ -1,0 +1,168 @@
+"""Backbone adapters: one interface over timm CNNs/ViTs and Hugging Face vision encoders.
+
+Every adapter exposes
+
+* ``forward_features(x)``: the un-pooled output of the last stage (CNN map ``B×C×H×W`` or tokens ``B×N×D``),
+* ``pool(features)``: the pooled ``B×D`` vector a classifier sees,
+* ``channel_dim(features)``: where the channels of un-pooled features are, so fusion and PIF know what to permute,
+* ``num_features``, ``in_chans`` and ``data_config`` (the input pre-processing).
+
+Fusion can then act before pooling (the faithful H2T recipe) or after it (the cached-feature path).
+Adapters are always built with random weights here: pretrained weights are loaded by ``pih2t_hub.create_model``
+or come from a checkpoint's safetensors, so this file needs no network and no pih2t_hub install.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration_pih2t import PIH2TConfig
+
+
+class BackboneAdapter(nn.Module):
+    """Common interface of the adapters (see module docstring)."""
+
+    num_features: int
+    in_chans: int
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def channel_dim(self, features: torch.Tensor) -> int:
+        """Channels are dim 1 of a ``B×C×H×W`` map and the last dim of tokens or pooled vectors."""
+        return 1 if features.dim() == 4 else -1
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(pixel_values))
+
+    @property
+    def data_config(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TimmBackbone(BackboneAdapter):
+    """Any ``timm.create_model`` architecture with its classifier removed (``num_classes=0``).
+
+    ``forward_features`` gives the final map (CNN) or the final normed tokens (ViT); ``pool`` is timm's own
+    ``forward_head(pre_logits=True)`` so the pooled vector is exactly what the timm classifier would see.
+    """
+
+    def __init__(self, name: str, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> None:
+        super().__init__()
+        import timm
+
+        kwargs = dict(model_kwargs or {})
+        kwargs["num_classes"] = 0
+        try:
+            self.model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ValueError(f"unknown timm backbone {name!r}") from err
+            raise
+        self.num_features = int(self.model.num_features)
+        self.in_chans = int(self.model.pretrained_cfg.get("input_size", (3,))[0]) if self.model.pretrained_cfg else 3
+        self.in_chans = int(kwargs.get("in_chans", self.in_chans))
+        self._output_fmt = str(getattr(self.model, "output_fmt", "NCHW"))
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(pixel_values)
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(features, pre_logits=True)
+
+    def channel_dim(self, features: torch.Tensor) -> int:
+        if features.dim() == 4 and self._output_fmt.upper() == "NHWC":
+            return -1
+        return super().channel_dim(features)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        import timm.data
+
+        cfg = timm.data.resolve_data_config({}, model=self.model)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+class HFBackbone(BackboneAdapter):
+    """A ``transformers.AutoModel`` vision encoder (ViT, DeiT, DINOv2, ...).
+
+    Un-pooled features are ``last_hidden_state`` (``B×N×D``), which these encoders return after their final layer
+    norm. The pooled vector is the CLS token of it (or the mean of the other tokens): NOT ``pooler_output``, which
+    for ViT adds a tanh-activated dense layer that was never trained for classification.
+    """
+
+    def __init__(self, backbone_config: dict[str, Any], pooling: str = "cls") -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        cfg_dict = dict(backbone_config)
+        model_type = cfg_dict.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("backbone_config of an HF backbone needs a 'model_type'")
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+        self.model = _hf_model_without_pooler(AutoModel, config)
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"hf_pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.pooling = pooling
+        self.num_features = int(getattr(config, "hidden_size", 0) or getattr(config, "embed_dim", 0))
+        if not self.num_features:
+            raise ValueError(f"cannot tell the feature width of HF backbone type {model_type!r}")
+        self.in_chans = int(getattr(config, "num_channels", 3))
+        self._image_size = getattr(config, "image_size", 224)
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, return_dict=True)
+        hidden = out.last_hidden_state
+        if hidden.dim() != 3:
+            raise ValueError(
+                f"HF backbone returned last_hidden_state of shape {tuple(hidden.shape)}; expected tokens B×N×D"
+            )
+        return hidden
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() == 2:
+            raise ValueError("features are already pooled")
+        if self.pooling == "cls":
+            return features[:, 0]
+        return features[:, 1:].mean(dim=1)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        size = self._image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return {
+            "input_size": [self.in_chans, int(h), int(w)],
+            "interpolation": "bilinear",
+            "mean": [0.5] * self.in_chans,
+            "std": [0.5] * self.in_chans,
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        }
+
+
+def _hf_model_without_pooler(auto_cls: Any, config: Any) -> nn.Module:
+    """Build the encoder without its pooler when the architecture allows (the pooler is unused weight)."""
+    try:
+        return auto_cls.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        return auto_cls.from_config(config)
+
+
+def build_backbone(config: PIH2TConfig) -> BackboneAdapter:
+    """Adapter for ``config`` with random weights (weights are loaded afterwards)."""
+    if config.backbone_source == "timm":
+        return TimmBackbone(config.backbone, config.backbone_kwargs)
+    if config.backbone_source == "hf":
+        if not config.backbone_config:
+            raise ValueError("an HF backbone needs config.backbone_config (the encoder's config dict)")
+        return HFBackbone(config.backbone_config, pooling=config.hf_pooling)
+    raise ValueError(f"unknown backbone_source {config.backbone_source!r}")
+
+
+__all__ = ["BackboneAdapter", "TimmBackbone", "HFBackbone", "build_backbone"]

