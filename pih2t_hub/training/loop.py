@@ -1,0 +1,208 @@
+"""The one training loop, on ``accelerate``.
+
+Stage 1 (end to end), stage 2 online (frozen backbone, two branches) and stage 2 on cached features all run
+through :func:`train_loop`; they differ only in the ``step`` they pass (batch → loss), the optimiser's parameters
+and the loader. The loop owns what they share: per-epoch learning rate, gradient accumulation, progress bars on
+the main process, validation-based model selection, sealed checkpoints every N steps and at each epoch end,
+mid-epoch resume (``skip_first_batches``) and a checkpoint on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import begin_checkpoint, latest_valid_checkpoint, seal_checkpoint, verify_checkpoint
+
+BEST_WEIGHTS = "best_trainable.safetensors"
+
+
+class GeneratorState:
+    """Makes a ``torch.Generator`` checkpointable with ``accelerator.register_for_checkpointing``.
+
+    Fusion subsets and mixup draws come from this generator, so a resumed run redraws exactly what the
+    uninterrupted run drew.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
+def cosine_per_epoch(base_lr: float, epochs: int) -> Callable[[int], float]:
+    """H2T stage 2: ``lr_e = base · ½(1 + cos(π e / E))`` for ``e = 0..E−1`` (the last epoch does not reach 0)."""
+    return lambda e: base_lr * 0.5 * (1.0 + math.cos(math.pi * e / max(epochs, 1)))
+
+
+def warmup_multistep(base_lr: float, warmup: int, milestones: Iterable[int], gamma: float = 0.1) -> Callable[[int], float]:
+    """H2T/MiSLAS CIFAR stage 1: linear warm-up ``lr·(e+1)/warmup``, then ×gamma at each milestone (per epoch)."""
+    ms = sorted(milestones)
+
+    def lr(e: int) -> float:
+        if e < warmup:
+            return base_lr * (e + 1) / warmup
+        return base_lr * gamma ** sum(e >= m for m in ms)
+
+    return lr
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in every checkpoint as ``trainer_state.json``."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def train_loop(
+    accelerator: Any,
+    *,
+    trainable: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    step: Callable[[Any], torch.Tensor],
+    epochs: int,
+    lr_at_epoch: Callable[[int], float],
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    select_metric: str = "balanced",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    keep_last: int = 2,
+    resume: bool | str = False,
+    set_epoch_hooks: Iterable[Any] = (),
+    batch_size_of: Callable[[Any], int] | None = None,
+    desc: str = "train",
+    stop_after_steps: int | None = None,
+) -> LoopState:
+    """Train ``trainable`` for ``epochs`` epochs; return the final :class:`LoopState`.
+
+    ``trainable``, ``optimizer`` and ``loader`` must already be ``accelerator.prepare``-d. ``step(batch)``
+    returns the scalar loss of a batch. ``evaluate(epoch)`` returns validation metrics; the epoch with the best
+    ``select_metric`` is kept in memory (and in checkpoints) and restored by :func:`load_best`.
+    ``stop_after_steps`` simulates an interruption (tests).
+    """
+    state = LoopState()
+    best_weights: dict[str, torch.Tensor] | None = None
+    unwrapped = accelerator.unwrap_model(trainable)
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    if resume and ckpt_root is not None:
+        folder = Path(resume) if isinstance(resume, str) else latest_valid_checkpoint(ckpt_root, accelerator.print)
+        if folder is not None:
+            raw = verify_checkpoint(folder)  # raises on a corrupt explicit checkpoint
+            accelerator.load_state(str(folder))
+            state = LoopState(**raw)
+            if (folder / BEST_WEIGHTS).is_file():
+                best_weights = load_file(str(folder / BEST_WEIGHTS))
+            accelerator.print(f"resumed from {folder} (epoch {state.epoch}, step {state.step_in_epoch})")
+
+    def checkpoint() -> None:
+        if ckpt_root is None:
+            return
+        step_no = state.global_step
+        if accelerator.is_main_process:
+            begin_checkpoint(ckpt_root, step_no)
+        accelerator.wait_for_everyone()
+        tmp = ckpt_root / f"checkpoint-{step_no}.tmp"
+        accelerator.save_state(str(tmp))  # every rank writes its own RNG state here
+        if best_weights is not None and accelerator.is_main_process:
+            save_file(best_weights, str(tmp / BEST_WEIGHTS))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            seal_checkpoint(ckpt_root, step_no, asdict(state), keep_last=keep_last)
+        accelerator.wait_for_everyone()
+
+    hooks = list(set_epoch_hooks)
+    try:
+        while state.epoch < epochs:
+            epoch = state.epoch
+            lr = lr_at_epoch(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for hook in hooks:
+                hook.set_epoch(epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            epoch_loader = loader
+            if state.step_in_epoch:
+                epoch_loader = accelerator.skip_first_batches(loader, state.step_in_epoch)
+                if hasattr(epoch_loader, "set_epoch"):
+                    epoch_loader.set_epoch(epoch)
+            trainable.train()
+            bar = tqdm(total=len(loader), initial=state.step_in_epoch, desc=f"{desc} {epoch + 1}/{epochs}",
+                       disable=not accelerator.is_local_main_process, leave=False)
+            t0, seen = time.perf_counter(), 0
+            for batch in epoch_loader:
+                with accelerator.accumulate(trainable):
+                    loss = step(batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state.step_in_epoch}")
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                state.step_in_epoch += 1
+                state.global_step += 1
+                seen += batch_size_of(batch) if batch_size_of else 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                                **({"img/s": f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f}"}
+                                   if batch_size_of else {}))
+                if checkpoint_every and state.global_step % checkpoint_every == 0 and accelerator.sync_gradients:
+                    checkpoint()
+                if stop_after_steps is not None and state.global_step >= stop_after_steps:
+                    bar.close()
+                    return state
+            bar.close()
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": float(loss.item())}
+            if evaluate is not None:
+                metrics = evaluate(epoch)
+                record.update({f"val_{k}": v for k, v in metrics.items()})
+                value = metrics.get(select_metric, float("nan"))
+                if value > state.best_metric or best_weights is None:
+                    state.best_metric, state.best_epoch = float(value), epoch
+                    best_weights = _trainable_state(unwrapped)
+            state.history.append(record)
+            accelerator.log(record, step=state.global_step)
+            state.epoch += 1
+            state.step_in_epoch = 0
+            checkpoint()
+    except KeyboardInterrupt:
+        accelerator.print("interrupted: writing a checkpoint before exiting")
+        checkpoint()
+        raise
+    state.best_weights = best_weights  # type: ignore[attr-defined]
+    return state
+
+
+def load_best(trainable: nn.Module, state: LoopState) -> bool:
+    """Load the best-on-validation weights kept by :func:`train_loop` into ``trainable``; False if none."""
+    weights = getattr(state, "best_weights", None)
+    if weights is None:
+        return False
+    trainable.load_state_dict(copy.deepcopy(weights))
+    return True
+
+
+__all__ = ["train_loop", "load_best", "LoopState", "GeneratorState", "cosine_per_epoch", "warmup_multistep"]
