@@ -1,0 +1,53 @@
+"""Stage-2 feature paths: what the head sees in the online and in the cached mode.
+
+Both return the *pooled, fused* features of a dual-branch batch; the head and the loss are applied by the caller.
+Keeping them side by side makes the claim testable that, for a channel-wise pooling (GAP, CLS token) and a linear
+or cosine head, the cached path computes exactly the online path with an eval-mode backbone (METHODS.md §1.4).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Fuse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def online_fused_features(
+    backbone: torch.nn.Module,
+    fused_images: torch.Tensor,
+    fusing_images: torch.Tensor | None,
+    labels: torch.Tensor,
+    fuse: Fuse | None,
+    fusion: str | None,
+    shift_bn: bool,
+) -> torch.Tensor:
+    """The faithful recipe: forward the two branches *separately* through the frozen backbone, fuse, pool.
+
+    ``shift_bn=True`` runs the backbone in train mode without gradients: each branch is normalised with its own
+    batch statistics and BN running statistics are re-estimated (MiSLAS's shift learning on BN). H2T (``"h2t"``)
+    fuses the un-pooled map; H2TF (``"h2tf"``) interpolates pooled vectors, as in the official fragment.
+    """
+    backbone.train(shift_bn)
+    with torch.no_grad():
+        ff = backbone.forward_features(fused_images)
+        if fuse is None or fusing_images is None:
+            return backbone.pool(ff)
+        fg = backbone.forward_features(fusing_images)
+        if fusion == "h2t":
+            return backbone.pool(fuse(ff, fg, labels, backbone.channel_dim(ff)))
+        return fuse(backbone.pool(ff), backbone.pool(fg), labels, -1)
+
+
+def cached_fused_features(
+    fused: torch.Tensor, fusing: torch.Tensor | None, labels: torch.Tensor, fuse: Fuse | None
+) -> torch.Tensor:
+    """The cached path: fuse pooled vectors read from the feature cache (channels on the last dim)."""
+    fused = fused.float()
+    if fuse is None or fusing is None:
+        return fused
+    return fuse(fused, fusing.float(), labels, -1)
+
+
+__all__ = ["online_fused_features", "cached_fused_features"]
