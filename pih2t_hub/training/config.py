@@ -23,7 +23,7 @@ class RunConfig:
     dataset: str = "mnist"
     label_column: str | None = None
     image_column: str | None = None
-    imbalance_ratio: float = 50.0
+    imbalance_ratio: float | None = 50.0  # None: the train split is already long-tailed; keep it whole
     profile: str = "exp"
     max_per_class: int | None = 300
     test_per_class: int = 50  # balanced test set carved from train when the dataset has no test split
@@ -65,7 +65,7 @@ class RunConfig:
     hub_model_id: str | None = None
 
     def validate(self) -> "RunConfig":
-        if not math.isfinite(self.imbalance_ratio) or self.imbalance_ratio < 1:
+        if self.imbalance_ratio is not None and (not math.isfinite(self.imbalance_ratio) or self.imbalance_ratio < 1):
             raise ValueError(f"imbalance_ratio must be finite and >= 1, got {self.imbalance_ratio}")
         if self.stage not in ("1", "2", "both"):
             raise ValueError(f"stage must be '1', '2' or 'both', got {self.stage!r}")

@@ -64,16 +64,31 @@ def load_splits(cfg: RunConfig) -> dict[str, Any]:
         rest, test_idx = balanced_holdout(labels, cfg.test_per_class, seed=cfg.seed)
         test = train_pool.select(test_idx)
         train_pool = train_pool.select(rest)
-    lt = make_long_tailed(train_pool, cfg.imbalance_ratio, profile=cfg.profile, max_per_class=cfg.max_per_class,
-                          label_column=cfg.label_column, seed=cfg.seed)
-    lt_labels = np.asarray(lt.dataset[lt.label_column])
+    if cfg.imbalance_ratio is None:
+        # the train split is already long-tailed (ImageNet-LT, Places-LT, iNat-2018): use it whole
+        lt_ds = _encode_labels(train_pool, label_col)
+    else:
+        lt = make_long_tailed(train_pool, cfg.imbalance_ratio, profile=cfg.profile, max_per_class=cfg.max_per_class,
+                              label_column=cfg.label_column, seed=cfg.seed)
+        lt_ds, label_col = lt.dataset, lt.label_column
+    lt_labels = np.asarray(lt_ds[label_col])
+    num_classes = int(lt_labels.max()) + 1
+    feature = lt_ds.features[label_col]
+    num_classes = max(num_classes, getattr(feature, "num_classes", 0) or 0)
     keep, val_idx = stratified_split(lt_labels, cfg.val_fraction, seed=cfg.seed)
-    train, val = lt.dataset.select(keep), lt.dataset.select(val_idx)
-    num_classes = lt.num_classes
+    train, val = lt_ds.select(keep), lt_ds.select(val_idx)
     counts = np.bincount(lt_labels[keep], minlength=num_classes)
-    names = getattr(train.features[lt.label_column], "names", None) or [str(i) for i in range(num_classes)]
-    return {"train": train, "val": val, "test": test, "label_column": lt.label_column, "class_counts": counts,
-            "id2label": dict(enumerate(names)), "num_classes": num_classes, "lt_counts": lt.class_counts}
+    names = getattr(train.features[label_col], "names", None) or [str(i) for i in range(num_classes)]
+    return {"train": train, "val": val, "test": test, "label_column": label_col, "class_counts": counts,
+            "id2label": dict(enumerate(names)), "num_classes": num_classes,
+            "lt_counts": np.bincount(lt_labels, minlength=num_classes).tolist()}
+
+
+def _encode_labels(ds: Any, column: str) -> Any:
+    """String labels become a ``ClassLabel`` column (as ``make_long_tailed`` does)."""
+    from datasets import ClassLabel
+
+    return ds if isinstance(ds.features[column], ClassLabel) else ds.class_encode_column(column)
 
 
 def _sampler(kind: str, labels: torch.Tensor, seed: int) -> Any:
