@@ -1,0 +1,121 @@
+"""Model cards rendered from a run config and results parse, carry a model-index and record the run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from huggingface_hub import ModelCard
+
+from pih2t_hub.hub import check_results, render_model_card, write_model_card
+
+RUN_CONFIG = {
+    "hub_model_id": "lt-lab/h2t-vit-cifar100-lt",
+    "model": {"backbone": "vit_base_patch16_224", "backbone_tag": "augreg2_in21k_ft_in1k"},
+    "data": {
+        "dataset": "uoft-cs/cifar100",
+        "revision": "aadb3af77e9048adbea6b47c21a81e47dd092ae5",
+        "imbalance_ratio": 100,
+        "profile": "exponential",
+    },
+    "method": {"name": "h2t", "fusion_ratio": 0.25, "lr": 0.005, "lr_factor": 0.05},
+    "training": {"global_batch_size": 128, "epochs": 10},
+    "seeds": [0, 1, 2],
+    "hardware": "1x NVIDIA H100 80GB",
+}
+RESULTS = {"overall": 0.4780, "balanced": 0.4780, "many": 0.6951, "medium": 0.4823, "few": 0.2170, "ece": 0.0812}
+
+
+def _roundtrip(card, tmp_path) -> ModelCard:
+    path = write_model_card(card, tmp_path)
+    assert path.name == "README.md"
+    return ModelCard.load(path)
+
+
+def test_card_parses_and_holds_five_results(tmp_path):
+    card = render_model_card(RUN_CONFIG, RESULTS, plot_path="accuracy_vs_frequency.png")
+    loaded = _roundtrip(card, tmp_path)
+    by_type = {r.metric_type: r for r in loaded.data.eval_results}
+    expected = {
+        "accuracy": 0.4780,
+        "balanced_accuracy": 0.4780,
+        "many_shot_accuracy": 0.6951,
+        "medium_shot_accuracy": 0.4823,
+        "few_shot_accuracy": 0.2170,
+        "expected_calibration_error": 0.0812,
+    }
+    assert {k: by_type[k].metric_value for k in expected} == pytest.approx(expected)
+    first = loaded.data.eval_results[0]
+    assert first.task_type == "image-classification"
+    assert first.dataset_type == "uoft-cs/cifar100"
+    assert first.dataset_revision == RUN_CONFIG["data"]["revision"]
+    assert first.dataset_split == "test"
+    assert loaded.data.model_name == "lt-lab/h2t-vit-cifar100-lt"
+    assert loaded.data.pipeline_tag == "image-classification"
+    assert loaded.data.library_name == "transformers"
+    # the raw YAML really has a model-index block (what the Hub reads)
+    assert "model-index" in loaded.data.to_dict()
+
+
+def test_card_records_the_run(tmp_path):
+    text = str(render_model_card(RUN_CONFIG, RESULTS, plot_path="plots/freq.png"))
+    for needle in (
+        "vit_base_patch16_224",
+        "augreg2_in21k_ft_in1k",
+        "aadb3af77e9048adbea6b47c21a81e47dd092ae5",
+        "| 100 / exponential |",
+        "| 0, 1, 2 |",
+        "`fusion_ratio=0.25`",
+        "| 128 |",
+        "| 10 |",
+        "1x NVIDIA H100 80GB",
+        "](plots/freq.png)",
+        "trust_remote_code=True",
+        'pipeline("image-classification", model="lt-lab/h2t-vit-cifar100-lt"',
+        "AutoModelForImageClassification",
+        "69.51%",
+    ):
+        assert needle in text, needle
+    assert "{{" not in text and "{%" not in text
+
+
+def test_missing_fields_say_not_recorded():
+    cfg = {"backbone": "resnet50", "dataset": "imagenet-lt", "method": "crt"}
+    text = str(render_model_card(cfg, RESULTS, repo_id="me/x", plot_path=None))
+    assert "| Epochs | not recorded |" in text
+    assert "![" not in text  # no plot requested, none shown
+
+
+@pytest.mark.parametrize("drop", ["overall", "balanced", "many", "medium", "few"])
+def test_missing_result_is_a_clear_error(drop):
+    results = {k: v for k, v in RESULTS.items() if k != drop}
+    with pytest.raises(ValueError, match=f"lack required metric.*{drop}"):
+        render_model_card(RUN_CONFIG, results)
+
+
+def test_invalid_results_are_refused():
+    with pytest.raises(ValueError, match="not a fraction"):
+        check_results({**RESULTS, "overall": 47.8})
+    with pytest.raises(ValueError, match="must be a number"):
+        check_results({**RESULTS, "many": "high"})
+    with pytest.raises(ValueError, match="few group has no class"):
+        check_results({**RESULTS, "few": math.nan})
+
+
+def test_empty_group_can_be_left_out(tmp_path):
+    card = render_model_card(RUN_CONFIG, {**RESULTS, "few": math.nan}, allow_empty_groups=True)
+    types = [r.metric_type for r in _roundtrip(card, tmp_path).data.eval_results]
+    assert "few_shot_accuracy" not in types and "many_shot_accuracy" in types
+    assert "n/a (no class in group)" in str(card)
+
+
+def test_config_without_backbone_is_refused():
+    cfg = {k: v for k, v in RUN_CONFIG.items() if k != "model"}
+    with pytest.raises(ValueError, match="backbone"):
+        render_model_card(cfg, RESULTS)
+
+
+@pytest.mark.parametrize("bad", ["/abs/plot.png", "../outside.png"])
+def test_plot_path_must_be_repo_relative(bad):
+    with pytest.raises(ValueError, match="relative"):
+        render_model_card(RUN_CONFIG, RESULTS, plot_path=bad)
