@@ -1,0 +1,108 @@
+"""Transforms from timm data configs and HF image processors, applied with Dataset.with_transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Image, Value
+from PIL import Image as PILImage
+from torch.utils.data import DataLoader
+
+from pih2t_hub.data import apply_transform, build_transform
+
+CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.4, 0.3), "std": (0.25, 0.2, 0.1), "interpolation": "bilinear",
+       "crop_pct": 1.0}
+
+
+def grey(value: int, size=(40, 40)) -> PILImage.Image:
+    return PILImage.fromarray(np.full(size, value, dtype=np.uint8), mode="L")
+
+
+def expected_constant(value: int, mean, std) -> torch.Tensor:
+    return torch.tensor([(value / 255.0 - m) / s for m, s in zip(mean, std)])
+
+
+def test_timm_config_eval_converts_grey_to_rgb_and_normalises():
+    transform = build_transform(CFG, train=False)
+    out = transform(grey(128))
+    assert out.shape == (3, 32, 32)
+    want = expected_constant(128, CFG["mean"], CFG["std"])
+    assert torch.allclose(out.mean(dim=(1, 2)), want, atol=1e-5)
+    assert torch.allclose(out.amax(dim=(1, 2)), out.amin(dim=(1, 2)))
+
+
+def test_timm_model_source_and_input_size_override():
+    import timm
+
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=2)
+    cfg = model.pretrained_cfg
+    out = build_transform(model, input_size=48)(grey(200, (60, 80)))
+    assert out.shape == (3, 48, 48)
+    assert torch.allclose(out[:, 20, 20], expected_constant(200, cfg["mean"], cfg["std"]), atol=1e-5)
+    assert build_transform(CFG, input_size=(3, 24, 20))(grey(3)).shape == (3, 24, 20)
+
+
+def test_train_variant_is_random_and_sized():
+    image = PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (50, 50, 3), dtype=np.uint8))
+    transform = build_transform(CFG, train=True)
+    torch.manual_seed(0)
+    a = transform(image)
+    b = transform(image)
+    assert a.shape == b.shape == (3, 32, 32)
+    assert not torch.equal(a, b)
+    assert "RandomResizedCrop" in repr(transform) and "train=True" in repr(transform)
+
+
+def test_repr_tracks_settings():
+    assert repr(build_transform(CFG)) != repr(build_transform(CFG, input_size=28))
+    assert repr(build_transform(CFG)) == repr(build_transform(dict(CFG)))
+
+
+def test_hf_processor_eval_and_train():
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    out = build_transform(processor)(grey(255, (30, 20)))
+    assert out.shape == (3, 16, 16)
+    assert torch.allclose(out, torch.full_like(out, (1.0 - 0.5) / 0.25), atol=1e-4)
+    assert build_transform(processor, input_size=12)(grey(9)).shape == (3, 12, 12)
+    train = build_transform(processor, train=True)
+    assert train(grey(0)).shape == (3, 16, 16)
+    assert torch.allclose(train(grey(0)), torch.full((3, 16, 16), -2.0))
+
+
+def image_dataset() -> Dataset:
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=3), "score": Value("float32")})
+    images = [np.full((10, 12), 40 * i, dtype=np.uint8) for i in range(6)]
+    return Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2], "score": [0.0] * 6}, features=features)
+
+
+def test_apply_transform_with_dataset_and_loader():
+    ds = apply_transform(image_dataset(), CFG, train=False)
+    item = ds[4]
+    assert set(item) == {"pixel_values", "labels"}
+    assert item["labels"] == 1 and item["pixel_values"].shape == (3, 32, 32)
+    assert torch.allclose(item["pixel_values"][:, 0, 0], expected_constant(160, CFG["mean"], CFG["std"]), atol=1e-5)
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["labels"].tolist() == [0, 1, 2, 0]
+
+
+def test_apply_transform_with_plain_callable():
+    ds = apply_transform(image_dataset(), lambda im: torch.tensor(np.asarray(im)).permute(2, 0, 1))
+    assert ds[1]["pixel_values"].shape == (3, 10, 12)  # the callable already receives RGB
+
+
+def test_errors():
+    ds = image_dataset()
+    with pytest.raises(TypeError, match="not an image column"):
+        apply_transform(ds, CFG, image_column="score")
+    with pytest.raises(ValueError, match="no Image column"):
+        apply_transform(ds.remove_columns("image"), CFG)
+    with pytest.raises(TypeError, match="cannot build a transform"):
+        build_transform(object())
+    with pytest.raises(ValueError, match="input_size"):
+        build_transform(CFG, input_size="big")
+    with pytest.raises(TypeError, match="not a label column"):
+        apply_transform(ds, CFG, label_column="score")
