@@ -94,15 +94,18 @@ def verify_checkpoint(folder: Path | str) -> dict[str, Any]:
         raise CorruptCheckpointError(f"checkpoint {folder} does not exist")
     if not mpath.is_file():
         raise CorruptCheckpointError(f"checkpoint {folder} is partial: no {MANIFEST} (interrupted while saving?)")
-    try:
+    try:  # a well-formed JSON file that is not a manifest is as corrupt as a truncated one
         manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
-        raise CorruptCheckpointError(f"checkpoint {folder}: unreadable manifest ({err})") from err
-    for rel, meta in manifest["files"].items():
+        files = {str(rel): (int(meta["size"]), str(meta["sha256"])) for rel, meta in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptCheckpointError(f"checkpoint {folder}: unreadable manifest ({err!r})") from err
+    if "trainer_state.json" not in files:
+        raise CorruptCheckpointError(f"checkpoint {folder}: the manifest does not list trainer_state.json")
+    for rel, (size, sha256) in files.items():
         p = folder / rel
         if not p.is_file():
             raise CorruptCheckpointError(f"checkpoint {folder}: file {rel} is missing")
-        if p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+        if p.stat().st_size != size or _sha256(p) != sha256:
             raise CorruptCheckpointError(f"checkpoint {folder}: file {rel} is corrupt (size or hash mismatch)")
     return json.loads((folder / "trainer_state.json").read_text())
 

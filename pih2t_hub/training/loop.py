@@ -11,26 +11,31 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import begin_checkpoint, latest_valid_checkpoint, seal_checkpoint, verify_checkpoint
 
 BEST_WEIGHTS = "best_trainable.safetensors"
+EXTRA_STATE = "extra_state_{rank}.safetensors"
 
 
 class GeneratorState:
-    """Makes a ``torch.Generator`` checkpointable with ``accelerator.register_for_checkpointing``.
+    """Makes a ``torch.Generator`` checkpointable (pass it in ``train_loop(extra_state=...)``).
 
     Fusion subsets and mixup draws come from this generator, so a resumed run redraws exactly what the
-    uninterrupted run drew.
+    uninterrupted run drew. Saved as safetensors by the loop (accelerate's ``register_for_checkpointing`` would
+    pickle it and unpickle it on load).
     """
 
     def __init__(self, generator: torch.Generator) -> None:
@@ -41,6 +46,47 @@ class GeneratorState:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["state"])
+
+
+class SeededFetch(Dataset):
+    """Wrap a map-style dataset so that random augmentation is a pure function of ``(seed, batch indices)``.
+
+    Why: timm/torchvision augmentations draw from the *global* RNGs (``random``, ``numpy``, ``torch``), and the
+    prepared loader fetches one batch ahead. A checkpoint taken after step ``k`` therefore stores global RNG
+    states that have already been advanced by batch ``k+1``'s augmentation, and a resumed run would augment every
+    later batch differently. Here every batch fetch runs with the global RNGs seeded from the batch's own indices
+    and restored afterwards, so fetching neither depends on nor changes the global RNG stream. This also makes
+    augmentation identical with ``num_workers > 0`` (worker seeds no longer matter) and independent across ranks.
+    """
+
+    def __init__(self, base: Any, seed: int) -> None:
+        self.base = base
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _batch_seed(self, indices: list) -> int:
+        flat = torch.as_tensor(indices, dtype=torch.int64).flatten().tolist()
+        return int(np.random.SeedSequence([self.seed, len(flat), *flat]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+    def __getitems__(self, indices: list) -> list:
+        seed = self._batch_seed(list(indices))
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFF_FFFF)
+            torch.default_generator.manual_seed(seed)  # CPU only: leaves accelerator RNGs alone
+            if hasattr(self.base, "__getitems__"):
+                return self.base.__getitems__(list(indices))
+            return [self.base[i] for i in indices]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.__getitems__([index])[0]
 
 
 def cosine_per_epoch(base_lr: float, epochs: int) -> Callable[[int], float]:
@@ -69,11 +115,33 @@ class LoopState:
     global_step: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    last_loss: float = math.nan  # loss of the latest step; kept so a resume at an epoch's end can record it
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def _save_extra_state(folder: Path, extra: Mapping[str, Any], rank: int) -> None:
+    """Each rank's extra objects (``state_dict`` of tensors) as one safetensors file: never pickled."""
+    tensors = {f"{name}/{key}": value.detach().cpu().clone().contiguous()
+               for name, obj in extra.items() for key, value in obj.state_dict().items()}
+    save_file(tensors, str(folder / EXTRA_STATE.format(rank=rank)))
+
+
+def _load_extra_state(folder: Path, extra: Mapping[str, Any], rank: int) -> None:
+    path = folder / EXTRA_STATE.format(rank=rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no {path.name}: it was written by fewer processes, or by "
+                                "an older version; resume with the same number of processes")
+    tensors = load_file(str(path))
+    for name, obj in extra.items():
+        prefix = f"{name}/"
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not part:
+            raise KeyError(f"checkpoint {folder}: no saved state for {name!r}")
+        obj.load_state_dict(part)
 
 
 def train_loop(
@@ -95,14 +163,18 @@ def train_loop(
     batch_size_of: Callable[[Any], int] | None = None,
     desc: str = "train",
     stop_after_steps: int | None = None,
+    extra_state: Mapping[str, Any] | None = None,
 ) -> LoopState:
     """Train ``trainable`` for ``epochs`` epochs; return the final :class:`LoopState`.
 
     ``trainable``, ``optimizer`` and ``loader`` must already be ``accelerator.prepare``-d. ``step(batch)``
     returns the scalar loss of a batch. ``evaluate(epoch)`` returns validation metrics; the epoch with the best
     ``select_metric`` is kept in memory (and in checkpoints) and restored by :func:`load_best`.
-    ``stop_after_steps`` simulates an interruption (tests).
+    ``stop_after_steps`` simulates an interruption (tests). ``extra_state`` maps names to objects with
+    ``state_dict``/``load_state_dict`` (tensors only: generators via :class:`GeneratorState`, modules whose
+    buffers change outside the optimiser) saved per rank into every checkpoint and restored on resume.
     """
+    extra = dict(extra_state or {})
     state = LoopState()
     best_weights: dict[str, torch.Tensor] | None = None
     unwrapped = accelerator.unwrap_model(trainable)
@@ -113,6 +185,7 @@ def train_loop(
         if folder is not None:
             raw = verify_checkpoint(folder)  # raises on a corrupt explicit checkpoint
             accelerator.load_state(str(folder))
+            _load_extra_state(folder, extra, accelerator.process_index)
             state = LoopState(**raw)
             if (folder / BEST_WEIGHTS).is_file():
                 best_weights = load_file(str(folder / BEST_WEIGHTS))
@@ -127,6 +200,7 @@ def train_loop(
         accelerator.wait_for_everyone()
         tmp = ckpt_root / f"checkpoint-{step_no}.tmp"
         accelerator.save_state(str(tmp))  # every rank writes its own RNG state here
+        _save_extra_state(tmp, extra, accelerator.process_index)
         if best_weights is not None and accelerator.is_main_process:
             save_file(best_weights, str(tmp / BEST_WEIGHTS))
         accelerator.wait_for_everyone()
@@ -164,9 +238,10 @@ def train_loop(
                     optimizer.zero_grad()
                 state.step_in_epoch += 1
                 state.global_step += 1
+                state.last_loss = float(loss.item())
                 seen += batch_size_of(batch) if batch_size_of else 0
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}",
                                 **({"img/s": f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f}"}
                                    if batch_size_of else {}))
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and accelerator.sync_gradients:
@@ -175,7 +250,7 @@ def train_loop(
                     bar.close()
                     return state
             bar.close()
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": float(loss.item())}
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": state.last_loss}
             if evaluate is not None:
                 metrics = evaluate(epoch)
                 record.update({f"val_{k}": v for k, v in metrics.items()})
@@ -205,4 +280,5 @@ def load_best(trainable: nn.Module, state: LoopState) -> bool:
     return True
 
 
-__all__ = ["train_loop", "load_best", "LoopState", "GeneratorState", "cosine_per_epoch", "warmup_multistep"]
+__all__ = ["train_loop", "load_best", "LoopState", "GeneratorState", "SeededFetch", "cosine_per_epoch",
+           "warmup_multistep"]

@@ -42,7 +42,7 @@ from ..models.factory import create_model
 from ..models.pih2t.fusion import PrototypeDistance, class_prototypes, h2t_fuse, h2tf_fuse
 from .checkpoint import write_atomic_json
 from .config import RunConfig
-from .loop import GeneratorState, cosine_per_epoch, load_best, train_loop
+from .loop import GeneratorState, SeededFetch, cosine_per_epoch, load_best, train_loop
 from .methods import MethodSpec, get_method
 
 SUMMARY_KEYS = ("overall", "balanced", "many", "medium", "few", "ece")
@@ -164,14 +164,16 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     spec = get_method(cfg.method)
     accelerator = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                              mixed_precision=cfg.mixed_precision)
-    set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "run_config.yaml")
     accelerator.wait_for_everyone()
 
-    data = load_splits(cfg)
+    data = load_splits(cfg)  # seeded explicitly by cfg.seed; touches no global RNG
+    # Seed the global RNGs (model init, augmentation) only now: loading a dataset may import modules lazily, and
+    # some draw from the global RNG at import (sklearn -> rich), which made the first run in a process differ.
+    set_seed(cfg.seed)
     counts = data["class_counts"]
     finetune = cfg.stage1_mode == "finetune" and cfg.stage in ("1", "both")
     model = create_model(cfg.backbone, num_labels=data["num_classes"], pretrained=cfg.pretrained,
@@ -185,7 +187,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     eval_tf = build_transform(dc, train=False)
     train_tf = build_transform(dc, train=True)
     fusion_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    accelerator.register_for_checkpointing(GeneratorState(fusion_gen))
+    fusion_state = {"fusion_generator": GeneratorState(fusion_gen)}  # checkpointed by train_loop (safetensors)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     results: dict[str, Any] = {"method": spec.name, "global_batch": global_batch, "num_processes":
                                accelerator.num_processes, "class_counts": counts.tolist()}
@@ -209,8 +211,9 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
         loss_fn = build_loss("ce")
         train_ds = images("train", True)
         labels_t = torch.as_tensor(np.asarray(data["train"][label_col]))
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=InstanceSampler(len(train_ds), seed=cfg.seed),
-                            num_workers=cfg.num_workers, drop_last=False)
+        loader = DataLoader(SeededFetch(train_ds, cfg.seed), batch_size=cfg.batch_size,
+                            sampler=InstanceSampler(len(train_ds), seed=cfg.seed), num_workers=cfg.num_workers,
+                            drop_last=False, generator=_loader_generator(cfg.seed))
         opt = sgd(model.parameters(), cfg.stage1_lr)
         model, opt, loader = accelerator.prepare(model, opt, loader)
         val_loader = image_loader("val")
@@ -235,7 +238,9 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
                                   evaluate=eval1, checkpoint_dir=out / "checkpoints" / "stage1",
                                   checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, resume=cfg.resume,
                                   batch_size_of=lambda b: len(b["labels"]), desc="stage 1",
-                                  stop_after_steps=stop_after_steps)
+                                  stop_after_steps=stop_after_steps, extra_state=fusion_state)
+        if stage1_state.epoch < cfg.stage1_epochs:
+            return results  # interrupted on purpose (tests): stop the whole run, as a kill would
         load_best(accelerator.unwrap_model(model), stage1_state)
         model = accelerator.unwrap_model(model)
         labels_t  # noqa: B018 (kept for symmetry with the cached path)
@@ -274,7 +279,8 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     if cfg.stage in ("1", "both") and not finetune:
         loss_fn = build_loss("ce")
         ds = feats["train"]
-        loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=InstanceSampler(len(ds), seed=cfg.seed))
+        loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=InstanceSampler(len(ds), seed=cfg.seed),
+                            generator=_loader_generator(cfg.seed))
         opt = sgd(head.parameters(), cfg.stage1_lr)
         head_p, opt, loader = accelerator.prepare(head, opt, loader)
         stage1_state = train_loop(
@@ -283,7 +289,10 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
             lr_at_epoch=cosine_per_epoch(cfg.stage1_lr, cfg.stage1_epochs),
             evaluate=lambda e: summarize(eval_head(head_p, "val")), checkpoint_dir=out / "checkpoints" / "stage1",
             checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, resume=cfg.resume,
-            batch_size_of=lambda b: len(b[1]), desc="stage 1 (linear)", stop_after_steps=stop_after_steps)
+            batch_size_of=lambda b: len(b[1]), desc="stage 1 (linear)", stop_after_steps=stop_after_steps,
+            extra_state=fusion_state)
+        if stage1_state.epoch < cfg.stage1_epochs:
+            return results  # interrupted on purpose (tests)
         load_best(head, stage1_state)
     if stage1_state is not None:
         results["stage1"] = {"best_epoch": stage1_state.best_epoch, "history": stage1_state.history}
@@ -329,6 +338,30 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     return results
 
 
+def _loader_generator(seed: int) -> torch.Generator:
+    """A training loader's own generator: creating its iterator then draws the worker base seed from it instead
+    of the global torch RNG, so a resumed run (one extra iterator mid-epoch) keeps the global stream in step."""
+    return torch.Generator().manual_seed(seed)
+
+
+class _BufferState:
+    """Checkpoints a frozen module's buffers (BN running statistics re-estimated by shift-BN in stage 2 online)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: buf for name, buf in self.module.named_buffers()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        buffers = dict(self.module.named_buffers())
+        if set(state) != set(buffers):
+            raise KeyError(f"buffer names differ from the checkpoint: {sorted(set(state) ^ set(buffers))[:5]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                buffers[name].copy_(value)
+
+
 def _weights_fingerprint(backbone: nn.Module) -> str:
     """A cheap fingerprint of the backbone weights, so a fine-tuned backbone never reuses stale features."""
     h = 0.0
@@ -360,13 +393,16 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
     else:
         base = images("train", True)
         labels = torch.as_tensor(np.asarray(data["train"][label_col]))
-        ds = DualBranchDataset(base) if dual else base
+        ds = SeededFetch(DualBranchDataset(base) if dual else base, cfg.seed)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=_sampler(spec.sampler, labels, cfg.seed),
-                        num_workers=cfg.num_workers)
+                        num_workers=cfg.num_workers, generator=_loader_generator(cfg.seed))
     opt = sgd(trainable.parameters(), cfg.lr)
     trainable, opt, loader = accelerator.prepare(trainable, opt, loader)
     backbone = model.pih2t.to(accelerator.device)
     backbone.requires_grad_(False)
+    extra = {"fusion_generator": GeneratorState(fusion_gen)}
+    if cfg.stage2_mode == "online":
+        extra["backbone_buffers"] = _BufferState(backbone)  # not in a prepared model when stage 1 was linear
 
     def step_cached(batch):
         if dual:
@@ -411,7 +447,8 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
                        lr_at_epoch=cosine_per_epoch(cfg.lr, cfg.epochs), evaluate=evaluate,
                        checkpoint_dir=out / "checkpoints" / "stage2", checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, set_epoch_hooks=hooks,
-                       batch_size_of=None, desc=f"stage 2 ({spec.name})", stop_after_steps=stop_after_steps)
+                       batch_size_of=None, desc=f"stage 2 ({spec.name})", stop_after_steps=stop_after_steps,
+                       extra_state=extra)
     if stop_after_steps is not None and state.global_step >= stop_after_steps and state.epoch < cfg.epochs:
         return None, None
     unwrapped = accelerator.unwrap_model(trainable)
@@ -442,9 +479,12 @@ def _run_dlsa(cfg: RunConfig, feats, counts, head, results) -> dict[str, float]:
     dl_cfg = DLSAConfig(**cfg.loss_kwargs) if cfg.loss_kwargs else DLSAConfig()
     dl = fit_dlsa(xtr.float(), ytr, xva.float(), yva, dl_cfg, seed=cfg.seed,
                   stage1_weight=head.weight.detach(), stage1_bias=getattr(head, "bias", None))
-    pred = dl.predict(xte.float())
-    m = summarize(longtail_metrics(pred.numpy(), yte.numpy(), counts))
+    with torch.no_grad():
+        logits = dl.logits(xte.float())  # logits, not argmax: hard predictions have no ECE (summarize failed on None)
+    final = longtail_metrics(logits.float().numpy(), yte.numpy(), counts)
+    m = summarize(final)
     results["test"] = m
+    results["per_class"] = [float(a) for a in final["per_class"]]
     return m
 
 
