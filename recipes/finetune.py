@@ -18,6 +18,12 @@ from pih2t_hub.training.config import RunConfig
 from pih2t_hub.training.run import run
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_UNSET = object()  # "flag not given" (None is a real value: `--max-per-class none`)
+
+
+def _optional(cast):
+    """Parse a value, with ``none`` meaning ``None`` (e.g. no head-size cap, an already long-tailed dataset)."""
+    return lambda s: None if s.lower() in ("none", "null") else cast(s)
 
 
 def _bool(text: str) -> bool:
@@ -34,17 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "loss_kwargs":
-            parser.add_argument(flag, type=str, default=None, help="YAML mapping of extra loss / DLSA arguments")
+            parser.add_argument(flag, type=str, default=_UNSET, help="YAML mapping of extra loss / DLSA arguments")
             continue
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
         if "bool" in kind:
-            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=None)
+            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=_UNSET)
         elif "int" in kind and "float" not in kind:
-            parser.add_argument(flag, type=lambda s: None if s.lower() == "none" else int(s), default=None)
+            parser.add_argument(flag, type=_optional(int), default=_UNSET)
         elif "float" in kind:
-            parser.add_argument(flag, type=float, default=None)
+            parser.add_argument(flag, type=_optional(float), default=_UNSET)
         else:
-            parser.add_argument(flag, type=str, default=None)
+            parser.add_argument(flag, type=_optional(str) if "None" in kind else str, default=_UNSET)
     return parser
 
 
@@ -63,7 +69,7 @@ def resolve_config(argv: list[str] | None = None) -> RunConfig:
         data = RunConfig.from_yaml(path).to_dict()
     for f in dataclasses.fields(RunConfig):
         value = getattr(args, f.name)
-        if value is None:
+        if value is _UNSET:
             continue
         if f.name == "loss_kwargs":
             value = yaml.safe_load(value) or {}

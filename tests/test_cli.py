@@ -178,11 +178,10 @@ def test_cli_config_file_with_overrides(tmp_path: Path) -> None:
     assert demo.backbone
 
 
-@pytest.mark.xfail(strict=True, reason="recipes/finetune.py: a flag whose value parses to None ('none') is taken "
-                                       "as 'not given', so the recipe's / default value wins")
 def test_cli_none_overrides_default(tmp_path: Path) -> None:
-    cfg = finetune.resolve_config(["--max-per-class", "none"])
-    assert cfg.max_per_class is None
+    cfg = finetune.resolve_config(["--max-per-class", "none", "--imbalance-ratio", "none"])
+    assert cfg.max_per_class is None and cfg.imbalance_ratio is None
+    assert finetune.resolve_config([]).max_per_class == 300  # not given: the default stays
 
 
 @pytest.mark.parametrize("argv, error", [
@@ -205,3 +204,27 @@ def test_cli_unknown_method_is_reported(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_stage2_alone_starts_from_a_saved_stage1_model(tmp_path: Path) -> None:
+    """`--stage 1` then `--stage 2 --init-from <stage-1 model>` continues from the fine-tuned backbone and head."""
+    s1 = tmp_path / "s1"
+    _run_cli([*TINY, "--stage", "1", "--stage1-mode", "finetune", "--stage1-epochs", "1", "--batch-size", "32",
+              "--method", "ce", "--output-dir", str(s1)])
+    s2 = tmp_path / "s2"
+    res = _run_cli([*TINY, "--stage", "2", "--init-from", str(s1 / "model"), "--method", "h2t", "--epochs", "1",
+                    "--batch-size", "32", "--output-dir", str(s2)])
+    _check_outputs(s2, res, "h2t")
+    w1, w2 = load_file(str(s1 / "model" / "model.safetensors")), load_file(str(s2 / "model" / "model.safetensors"))
+    backbone_keys = [k for k in w1 if not k.startswith("classifier.")]
+    assert backbone_keys and all(torch.equal(w1[k], w2[k]) for k in backbone_keys)  # frozen in stage 2
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("classifier."))  # the head moved
+
+
+def test_init_from_with_a_different_class_count_is_refused(tmp_path: Path) -> None:
+    from pih2t_hub import create_model
+    from pih2t_hub.training.run import _load_initial_model
+
+    create_model("test_resnet", num_labels=3).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="has 3 classes but the dataset has 10"):
+        _load_initial_model(str(tmp_path / "m"), 10, np.ones(10, dtype=int), "h2t", 0.25)

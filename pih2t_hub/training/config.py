@@ -54,6 +54,9 @@ class RunConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"
     feature_dtype: str = "float32"
+    cache_dir: str | None = None  # feature cache; default <output_dir>/features. Share it across runs: the manifest
+    # (backbone weights, transform, split, seed, imbalance) decides reuse, so a stale cache is never read
+    init_from: str | None = None  # a saved model folder to start from (e.g. a stage-1 run, for --stage 2 alone)
     num_workers: int = 0
     # bookkeeping
     seed: int = 0

@@ -11,16 +11,13 @@ Both stages go through :func:`pih2t_hub.training.loop.train_loop`; what differs 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,6 +41,7 @@ from .checkpoint import write_atomic_json
 from .config import RunConfig
 from .loop import GeneratorState, SeededFetch, cosine_per_epoch, load_best, train_loop
 from .methods import MethodSpec, get_method
+from .steps import cached_fused_features, online_fused_features
 
 SUMMARY_KEYS = ("overall", "balanced", "many", "medium", "few", "ece")
 
@@ -176,9 +174,12 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     set_seed(cfg.seed)
     counts = data["class_counts"]
     finetune = cfg.stage1_mode == "finetune" and cfg.stage in ("1", "both")
-    model = create_model(cfg.backbone, num_labels=data["num_classes"], pretrained=cfg.pretrained,
-                         id2label=data["id2label"], class_counts=counts.tolist(), head_type=cfg.head_type,
-                         method=spec.name, fusion_ratio=cfg.fusion_ratio, pif=spec.stage1_pif and finetune)
+    if cfg.init_from:
+        model = _load_initial_model(cfg.init_from, data["num_classes"], counts, spec.name, cfg.fusion_ratio)
+    else:
+        model = create_model(cfg.backbone, num_labels=data["num_classes"], pretrained=cfg.pretrained,
+                             id2label=data["id2label"], class_counts=counts.tolist(), head_type=cfg.head_type,
+                             method=spec.name, fusion_ratio=cfg.fusion_ratio, pif=spec.stage1_pif and finetune)
     size = cfg.image_size
     dc = dict(model.config.backbone_data_config)
     if size:
@@ -253,6 +254,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
         return backbone.pool(backbone.forward_features(x.to(accelerator.device)))
 
     weights_id = _weights_fingerprint(backbone)
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "features"
     feats: dict[str, TensorDataset] = {}
     needs_cache = cfg.stage2_mode == "cached" or not finetune or spec.tau_norm or spec.name == "dlsa"
     if needs_cache:
@@ -260,7 +262,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
             manifest = {"backbone": model.config.backbone, "weights": weights_id, "transform": repr(eval_tf),
                         "split": split, "dataset": cfg.dataset, "seed": cfg.seed, "ir": cfg.imbalance_ratio}
             with accelerator.main_process_first():
-                cache = load_or_extract(encode, images(split, False), out / "features" / split, manifest,
+                cache = load_or_extract(encode, images(split, False), cache_root / split, manifest,
                                         batch_size=cfg.batch_size, dtype=cfg.feature_dtype,
                                         progress=accelerator.is_local_main_process)
             feats[split] = cache.as_tensor_dataset()
@@ -338,6 +340,18 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     return results
 
 
+def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method: str, ratio: float) -> nn.Module:
+    """A saved PI-H2T model (e.g. the ``model/`` folder of a stage-1 run) to continue from."""
+    from ..models.pih2t import PIH2TForImageClassification
+
+    model = PIH2TForImageClassification.from_pretrained(path)
+    if model.config.num_labels != num_classes:
+        raise ValueError(f"--init-from {path} has {model.config.num_labels} classes but the dataset has {num_classes}")
+    model.config.class_counts = counts.tolist()
+    model.config.method, model.config.fusion_ratio = method, float(ratio)
+    return model
+
+
 def _loader_generator(seed: int) -> torch.Generator:
     """A training loader's own generator: creating its iterator then draws the worker base seed from it instead
     of the global torch RNG, so a resumed run (one extra iterator mid-epoch) keeps the global stream in step."""
@@ -360,6 +374,52 @@ class _BufferState:
         with torch.no_grad():
             for name, value in state.items():
                 buffers[name].copy_(value)
+
+
+class _BufferSnapshots:
+    """Float buffers (BN running statistics) of a module at the end of each epoch, checkpointable.
+
+    Shift-BN re-estimates the frozen backbone's statistics every step; the head chosen on validation was scored
+    with the statistics of its own epoch, so those are the ones the saved model must carry.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved: dict[int, dict[str, torch.Tensor]] = {}
+
+    def take(self, epoch: int) -> None:
+        self.saved[epoch] = {n: b.detach().cpu().clone() for n, b in self.module.named_buffers()
+                             if b.is_floating_point()}
+
+    def restore(self, epoch: int) -> None:
+        if epoch not in self.saved:
+            raise KeyError(f"no BN statistics were kept for epoch {epoch}")
+        buffers = dict(self.module.named_buffers())
+        with torch.no_grad():
+            for name, value in self.saved[epoch].items():
+                buffers[name].copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"epochs": torch.tensor(sorted(self.saved), dtype=torch.int64)}
+        for e, bufs in self.saved.items():
+            out.update({f"{e}/{n}": b for n, b in bufs.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.saved = {}
+        for e in state["epochs"].tolist():
+            prefix = f"{e}/"
+            self.saved[e] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _average_buffers(accelerator: Any, module: nn.Module) -> None:
+    """Average float buffers across processes (each rank re-estimates shift-BN statistics on its own shard)."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
 
 
 def _weights_fingerprint(backbone: nn.Module) -> str:
@@ -403,30 +463,22 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
     extra = {"fusion_generator": GeneratorState(fusion_gen)}
     if cfg.stage2_mode == "online":
         extra["backbone_buffers"] = _BufferState(backbone)  # not in a prepared model when stage 1 was linear
+        snapshots = _BufferSnapshots(backbone)  # BN statistics of every epoch, to go with the best epoch's head
+        extra["bn_snapshots"] = snapshots
 
     def step_cached(batch):
         if dual:
             (xf, yf), (xg, _) = batch["fused"], batch["fusing"]
-            xf = fuse(xf.float(), xg.float(), yf, -1) if fuse else xf
         else:
-            xf, yf = batch
-        return loss_fn(trainable(xf.float()), yf)
+            (xf, yf), xg = batch, None
+        return loss_fn(trainable(cached_fused_features(xf, xg, yf, fuse)), yf)
 
     def step_online(batch):
         if dual:
             xf, yf, xg = batch["fused"]["pixel_values"], batch["fused"]["labels"], batch["fusing"]["pixel_values"]
         else:
             xf, yf, xg = batch["pixel_values"], batch["labels"], None
-        backbone.train(cfg.shift_bn)  # shift-BN: batch statistics, running statistics re-estimated
-        with torch.no_grad():
-            ff = backbone.forward_features(xf)
-            fg = backbone.forward_features(xg) if xg is not None else None  # separately: own BN statistics
-            if fuse is not None and spec.fusion == "h2t":
-                pooled = backbone.pool(fuse(ff, fg, yf, backbone.channel_dim(ff)))
-            elif fuse is not None:
-                pooled = fuse(backbone.pool(ff), backbone.pool(fg), yf, -1)
-            else:
-                pooled = backbone.pool(ff)
+        pooled = online_fused_features(backbone, xf, xg, yf, fuse, spec.fusion, cfg.shift_bn)
         return loss_fn(trainable(pooled), yf)
 
     if cfg.stage2_mode == "cached":
@@ -435,7 +487,9 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
     else:
         val_loader = image_loader("val")
 
-        def evaluate(_e):
+        def evaluate(epoch):
+            _average_buffers(accelerator, backbone)  # one set of re-estimated BN statistics across ranks
+            snapshots.take(epoch)
             backbone.eval()
             trainable.eval()
             logits, y = predict_logits(accelerator, lambda x: trainable(backbone(x).pooler_output), val_loader)
@@ -453,6 +507,8 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
         return None, None
     unwrapped = accelerator.unwrap_model(trainable)
     load_best(unwrapped, state)
+    if cfg.stage2_mode == "online" and state.best_epoch >= 0:
+        snapshots.restore(state.best_epoch)  # the head was selected with these statistics
     final_head = unwrapped.to_linear() if spec.lws else unwrapped
     backbone.eval()
     return state, final_head
@@ -504,7 +560,10 @@ def _write_outputs(cfg: RunConfig, model: nn.Module, results: dict[str, Any], co
     if "test" in results:
         from ..hub.model_card import render_model_card, write_model_card
 
-        card_cfg = {**cfg.to_dict(), "global_batch": results["global_batch"],
+        hparams = {k: getattr(cfg, k) for k in ("fusion_ratio", "h2tf_mode", "stage1_mode", "stage2_mode", "shift_bn",
+                                                 "stage1_epochs", "stage1_lr", "lr", "weight_decay", "momentum",
+                                                 "batch_size", "mixup_alpha", "loss_kwargs")}
+        card_cfg = {**cfg.to_dict(), "global_batch_size": results["global_batch"], "hyperparameters": hparams,
                     "hardware": f"{results['num_processes']} process(es), {platform.machine()}, torch {torch.__version__}",
                     "backbone_tag": model.config.backbone_tag, "class_counts": counts.tolist()}
         try:
