@@ -228,3 +228,21 @@ def test_init_from_with_a_different_class_count_is_refused(tmp_path: Path) -> No
     create_model("test_resnet", num_labels=3).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="has 3 classes but the dataset has 10"):
         _load_initial_model(str(tmp_path / "m"), 10, np.ones(10, dtype=int), "h2t", 0.25)
+
+
+def test_cli_pi_h2t_trains_pif_in_stage1_and_h2tf_online(tmp_path: Path) -> None:
+    """PI-H2T end to end: PIF is inserted and trained in stage 1, H2TF needs stage-1 prototypes on the online path."""
+    out = tmp_path / "run"
+    results = _run_cli(TINY + ["--method", "pi-h2t", "--stage1-mode", "finetune", "--stage2-mode", "online",
+                               "--stage1-epochs", "1", "--epochs", "1", "--batch-size", "32", "--output-dir", str(out)])
+    _check_outputs(out, results, "pi-h2t")
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["pif"] is True and config["method"] == "pi-h2t"
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    pif = {k: v for k, v in weights.items() if ".pif." in k}
+    assert len(pif) == 6  # 2→4→2→1: three linear layers, weight + bias each
+    stage1 = load_file(str(out / "checkpoints" / "stage1" / sorted(
+        p.name for p in (out / "checkpoints" / "stage1").iterdir())[-1] / "model.safetensors"))
+    assert all(torch.equal(stage1[k], v) for k, v in pif.items())  # stage 2 keeps the stage-1 PIF
+    preds, labels = _reloaded_test_predictions(out)
+    assert (preds == labels).mean() == pytest.approx(results["test"]["overall"], abs=1e-12)

@@ -256,7 +256,9 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     weights_id = _weights_fingerprint(backbone)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else out / "features"
     feats: dict[str, TensorDataset] = {}
-    needs_cache = cfg.stage2_mode == "cached" or not finetune or spec.tau_norm or spec.name == "dlsa"
+    # H2TF needs class prototypes of stage-1 features, so it caches them even on the online path
+    needs_cache = (cfg.stage2_mode == "cached" or not finetune or spec.tau_norm or spec.name == "dlsa"
+                   or spec.fusion == "h2tf")
     if needs_cache:
         for split in ("train", "val", "test"):
             manifest = {"backbone": model.config.backbone, "weights": weights_id, "transform": repr(eval_tf),
