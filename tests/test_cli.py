@@ -246,3 +246,38 @@ def test_cli_pi_h2t_trains_pif_in_stage1_and_h2tf_online(tmp_path: Path) -> None
     assert all(torch.equal(stage1[k], v) for k, v in pif.items())  # stage 2 keeps the stage-1 PIF
     preds, labels = _reloaded_test_predictions(out)
     assert (preds == labels).mean() == pytest.approx(results["test"]["overall"], abs=1e-12)
+
+
+def test_cli_push_to_hub_uploads_the_validated_model_folder(tmp_path: Path, monkeypatch) -> None:
+    """`--push-to-hub --hub-model-id` creates the repo and uploads one folder holding weights, code and card."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    calls: list[tuple[str, dict]] = []
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+            return None
+
+        def upload_folder(self, **kwargs):
+            folder = Path(kwargs["folder_path"])
+            calls.append(("upload_folder", {**kwargs, "files": sorted(p.name for p in folder.iterdir()),
+                                            "card": (folder / "README.md").read_text()}))
+            return "ok"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    out = tmp_path / "run"
+    _run_cli(TINY + ["--method", "h2t", "--stage1-epochs", "1", "--epochs", "1", "--batch-size", "32",
+                     "--push-to-hub", "--hub-model-id", "me/h2t-digits-lt", "--output-dir", str(out)])
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1]["repo_id"] == "me/h2t-digits-lt" and calls[1][1]["repo_id"] == "me/h2t-digits-lt"
+    files = set(calls[1][1]["files"])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_pih2t.py", "README.md",
+            "accuracy_vs_frequency.png"} <= files
+    card = ModelCard(calls[1][1]["card"])
+    results = card.data.eval_results
+    assert {r.metric_type for r in results} >= {"accuracy", "balanced_accuracy", "medium_shot_accuracy"}

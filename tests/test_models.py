@@ -244,3 +244,32 @@ def test_local_dir_timm_backbone(tmp_path):
     model = create_model(f"local-dir:{tmp_path}", num_labels=3)
     assert model.config.backbone == "test_resnet"
     assert np.isfinite(model(torch.randn(1, 3, 96, 96)).logits.detach().numpy()).all()
+
+
+def test_usable_by_transformers_trainer(tmp_path):
+    """`Trainer` drives the model like any image classifier: loss from `labels`, eval logits, saved checkpoint."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_labels=3, id2label=LABELS)
+    _, h, w = model.config.backbone_data_config["input_size"]
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset.from_dict({"pixel_values": torch.randn(16, 3, h, w, generator=g).numpy(),
+                            "labels": [i % 3 for i in range(16)]}).with_format("torch")
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1,
+                             learning_rate=0.05, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                             disable_tqdm=True)
+    before = model.classifier.weight.detach().clone()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds)
+    out = trainer.train()
+    assert out.global_step == 2 and np.isfinite(out.training_loss)
+    assert not torch.equal(before, model.classifier.weight.detach())
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"])
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    x = ds[:2]["pixel_values"]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)

@@ -243,7 +243,9 @@ def push_to_hub(
             extra_files=extra_files,
             allow_empty_groups=allow_empty_groups,
         )
-        validate_model_folder(staging)
+        # with allow_empty_groups a shot group without classes (e.g. no few-shot class) is left out of the card
+        required = ("accuracy", "balanced_accuracy") if allow_empty_groups else None
+        validate_model_folder(staging, require_metrics=required)
         if api is None:
             from huggingface_hub import HfApi
 

@@ -577,7 +577,9 @@ def _write_outputs(cfg: RunConfig, model: nn.Module, results: dict[str, Any], co
     if cfg.push_to_hub:
         from ..hub.push import push_to_hub
 
-        push_to_hub(model_dir, cfg.hub_model_id)
+        # the folder's README.md is the card rendered above; push_to_hub validates everything before uploading
+        push_to_hub(model_dir, cfg.hub_model_id, allow_empty_groups=True)
+        print(f"pushed {model_dir} to the Hub as {cfg.hub_model_id}")
 
 
 __all__ = ["run", "load_splits", "format_table", "make_fusion", "predict_logits"]

@@ -1,0 +1,49 @@
+"""The README's commands are the ones that work: CI runs its test command, this runs its default-run command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _install_block() -> list[str]:
+    block = re.search(r"## Install, run, test\n\n```bash\n(.*?)```", README, re.S)
+    assert block, "README lost its 'Install, run, test' block"
+    return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_test_command():
+    test_cmd = _install_block()[2]
+    assert "pytest" in test_cmd
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd.split("HF_DATASETS_OFFLINE=1 ")[-1] in ci  # `python -m pytest`
+    assert "HF_HUB_OFFLINE=1" in ci and "HF_DATASETS_OFFLINE=1" in ci
+
+
+def test_readme_default_run_command_works_offline(tmp_path):
+    """`python recipes/finetune.py` with no arguments: the offline demo, results table and outputs."""
+    cmd = shlex.split(_install_block()[1])
+    assert cmd[:2] == ["python", "recipes/finetune.py"] and len(cmd) == 2
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # run from a scratch folder so the default output_dir (outputs/demo) lands there
+    proc = subprocess.run([sys.executable, str(ROOT / cmd[1])], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if "overall" in line and "balanced" in line)
+    assert header.split() == ["overall", "balanced", "many", "medium", "few", "ece"]
+    row = next(line for line in lines if line.startswith("h2t"))
+    values = [float(v) for v in row.split()[1:]]
+    assert len(values) == 6 and all(0.0 <= v <= 100.0 for v in values)
+    assert values[0] > 50.0  # pretrained ImageNet features separate MNIST digits far above chance (10 %)
+    out = tmp_path / "outputs" / "demo"
+    for rel in ("run_config.yaml", "results.json", "model/model.safetensors", "model/README.md",
+                "model/accuracy_vs_frequency.png"):
+        assert (out / rel).is_file(), rel
