@@ -167,8 +167,12 @@ def test_bad_inputs():
 def _sharded_epochs(out_path: str) -> None:
     """Runs in each of 2 processes: iterate prepared loaders for 2 epochs and record what this rank saw."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # debug_launcher forks this pytest process: drop any single-process state an earlier test left behind
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
     n = 64
     loaders = {
         "instance": DataLoader(TensorDataset(torch.arange(n)), sampler=InstanceSampler(n, seed=3), batch_size=4),
@@ -187,7 +191,10 @@ def _sharded_epochs(out_path: str) -> None:
             seen[f"{name}/{epoch}"] = [batch[0].tolist() for batch in prepared]
     prepared = accelerator.prepare(dual)
     seen["dual/0"] = [torch.stack([b["fused"][0], b["fusing"][0]], 1).tolist() for b in prepared]
-    everything = accelerator.gather_for_metrics([seen], use_gather_object=True)
+    from accelerate.utils import gather_object
+
+    # plain gather: gather_for_metrics would drop 'duplicate' tail samples using the last loader's remainder
+    everything = gather_object([seen])
     if accelerator.is_main_process:
         with open(out_path, "w") as handle:
             json.dump(everything, handle)

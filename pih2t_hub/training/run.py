@@ -211,7 +211,6 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     if cfg.stage in ("1", "both") and finetune:
         loss_fn = build_loss("ce")
         train_ds = images("train", True)
-        labels_t = torch.as_tensor(np.asarray(data["train"][label_col]))
         loader = DataLoader(SeededFetch(train_ds, cfg.seed), batch_size=cfg.batch_size,
                             sampler=InstanceSampler(len(train_ds), seed=cfg.seed), num_workers=cfg.num_workers,
                             drop_last=False, generator=_loader_generator(cfg.seed))
@@ -224,7 +223,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
             x, y = batch["pixel_values"], batch["labels"]
             if beta is None:
                 return loss_fn(model(x).logits, y)
-            lam = float(torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample()) if beta else 1.0
+            lam = float(beta.sample())  # λ ~ Beta(α, α); partner = a permutation of the batch (H2T/MiSLAS stage 1)
             perm = torch.randperm(x.shape[0], generator=fusion_gen).to(x.device)
             logits = model(lam * x + (1 - lam) * x[perm]).logits
             return lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y[perm])
@@ -244,7 +243,6 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
             return results  # interrupted on purpose (tests): stop the whole run, as a kill would
         load_best(accelerator.unwrap_model(model), stage1_state)
         model = accelerator.unwrap_model(model)
-        labels_t  # noqa: B018 (kept for symmetry with the cached path)
 
     # ---------------- features (frozen backbone, eval mode)
     model.eval()
