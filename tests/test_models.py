@@ -25,8 +25,17 @@ def tiny_vit_config() -> ViTConfig:
                      image_size=32, patch_size=8)
 
 
+def tiny_hf_config(kind: str):
+    from transformers import DeiTConfig, Dinov2Config
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "deit":
+        return DeiTConfig(image_size=32, patch_size=8, **common)
+    return Dinov2Config(image_size=28, patch_size=7, **common)
+
+
 BACKBONES = {"timm_cnn": "test_resnet", "timm_vit": "test_vit", "timm_convnext": "test_convnext",
-             "hf_vit": tiny_vit_config()}
+             "hf_vit": tiny_vit_config(), "hf_deit": tiny_hf_config("deit"), "hf_dinov2": tiny_hf_config("dinov2")}
 
 
 def _input(model, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -273,3 +282,13 @@ def test_usable_by_transformers_trainer(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_hf_mean_pooling_averages_patch_tokens_only():
+    """DeiT carries CLS + distillation tokens before its 16 patch tokens: mean pooling must skip both."""
+    model = create_model(tiny_hf_config("deit"), num_labels=3, hf_pooling="mean").eval()
+    x = _input(model)
+    with torch.no_grad():
+        tokens = model.pih2t.forward_features(x)
+        assert tokens.shape[1] == 2 + (32 // 8) ** 2
+        torch.testing.assert_close(model.pih2t.pool(tokens), tokens[:, 2:].mean(dim=1))

@@ -423,11 +423,15 @@ def _average_buffers(accelerator: Any, module: nn.Module) -> None:
 
 
 def _weights_fingerprint(backbone: nn.Module) -> str:
-    """A cheap fingerprint of the backbone weights, so a fine-tuned backbone never reuses stale features."""
-    h = 0.0
-    for i, p in enumerate(backbone.parameters()):
-        h += float(p.detach().double().sum()) * (i + 1) + float(p.detach().double().abs().sum()) * 1e-3
-    return f"{h:.12e}"
+    """SHA-256 of the backbone's state (weights and buffers), so a fine-tuned or re-estimated backbone never
+    reuses features cached from other weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fusion_gen, out, eval_head,

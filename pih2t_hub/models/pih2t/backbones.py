@@ -94,7 +94,8 @@ class HFBackbone(BackboneAdapter):
 
     Un-pooled features are ``last_hidden_state`` (``B×N×D``), which these encoders return after their final layer
     norm. The pooled vector is the CLS token of it (or the mean of the other tokens): NOT ``pooler_output``, which
-    for ViT adds a tanh-activated dense layer that was never trained for classification.
+    for ViT adds a tanh-activated dense layer that was never trained for classification. ``"mean"`` pooling
+    averages the patch tokens only (after CLS, distillation and register tokens).
     """
 
     def __init__(self, backbone_config: dict[str, Any], pooling: str = "cls") -> None:
@@ -115,6 +116,8 @@ class HFBackbone(BackboneAdapter):
             raise ValueError(f"cannot tell the feature width of HF backbone type {model_type!r}")
         self.in_chans = int(getattr(config, "num_channels", 3))
         self._image_size = getattr(config, "image_size", 224)
+        # tokens before the patch tokens: CLS, DeiT's distillation token, DINOv2's register tokens
+        self.num_prefix_tokens = 1 + (model_type == "deit") + int(getattr(config, "num_register_tokens", 0) or 0)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, return_dict=True)
@@ -130,7 +133,7 @@ class HFBackbone(BackboneAdapter):
             raise ValueError("features are already pooled")
         if self.pooling == "cls":
             return features[:, 0]
-        return features[:, 1:].mean(dim=1)
+        return features[:, self.num_prefix_tokens:].mean(dim=1)
 
     @property
     def data_config(self) -> dict[str, Any]:
