@@ -281,3 +281,20 @@ def test_cli_push_to_hub_uploads_the_validated_model_folder(tmp_path: Path, monk
     card = ModelCard(calls[1][1]["card"])
     results = card.data.eval_results
     assert {r.metric_type for r in results} >= {"accuracy", "balanced_accuracy", "medium_shot_accuracy"}
+
+
+def test_cli_report_to_tensorboard_logs_every_epoch(tmp_path: Path) -> None:
+    """`--report-to tensorboard` sends each epoch record (loss, lr, validation metrics) to accelerate's tracker."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    _run_cli(TINY + ["--method", "h2t", "--stage1-epochs", "2", "--epochs", "2", "--batch-size", "32",
+                     "--report-to", "tensorboard", "--output-dir", str(out)])
+    events = list((out / "pih2t").rglob("events.out.tfevents*"))
+    assert events, sorted(str(p) for p in out.rglob("*"))[:20]
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "lr", "val_balanced"} <= tags
+    assert len(acc.Scalars("val_balanced")) == 4  # 2 stage-1 epochs + 2 stage-2 epochs

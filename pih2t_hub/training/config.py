@@ -58,6 +58,7 @@ class RunConfig:
     # (backbone weights, transform, split, seed, imbalance) decides reuse, so a stale cache is never read
     init_from: str | None = None  # a saved model folder to start from (e.g. a stage-1 run, for --stage 2 alone)
     num_workers: int = 0
+    report_to: str | None = None  # accelerate tracker ("tensorboard", "wandb", ...), installed separately
     # bookkeeping
     seed: int = 0
     output_dir: str = "outputs/demo"

@@ -160,9 +160,13 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
 
     cfg.validate()
     spec = get_method(cfg.method)
-    accelerator = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                                             mixed_precision=cfg.mixed_precision)
     out = Path(cfg.output_dir)
+    accelerator = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                                             mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
+                                             project_dir=str(out))
+    if cfg.report_to:  # accelerate trackers (e.g. tensorboard): every epoch record goes through accelerator.log
+        accelerator.init_trackers("pih2t", config={k: v for k, v in cfg.to_dict().items()
+                                                   if isinstance(v, (int, float, str, bool))})
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "run_config.yaml")
@@ -337,6 +341,8 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     accelerator.wait_for_everyone()
     accelerator.print(format_table(rows))
     accelerator.print(f"model, card and plot written to {out / 'model'}")
+    if cfg.report_to:
+        accelerator.end_training()
     return results
 
 
