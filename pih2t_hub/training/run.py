@@ -346,6 +346,15 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     return results
 
 
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch of any of the loaders (dual-branch or not, images or cached features)."""
+    if isinstance(batch, dict):
+        batch = batch.get("fused", batch)
+    if isinstance(batch, dict):
+        return len(batch["labels"])
+    return len(batch[1])
+
+
 def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method: str, ratio: float) -> nn.Module:
     """A saved PI-H2T model (e.g. the ``model/`` folder of a stage-1 run) to continue from."""
     from ..models.pih2t import PIH2TForImageClassification
@@ -511,7 +520,7 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
                        lr_at_epoch=cosine_per_epoch(cfg.lr, cfg.epochs), evaluate=evaluate,
                        checkpoint_dir=out / "checkpoints" / "stage2", checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, set_epoch_hooks=hooks,
-                       batch_size_of=None, desc=f"stage 2 ({spec.name})", stop_after_steps=stop_after_steps,
+                       batch_size_of=_batch_len, desc=f"stage 2 ({spec.name})", stop_after_steps=stop_after_steps,
                        extra_state=extra)
     if stop_after_steps is not None and state.global_step >= stop_after_steps and state.epoch < cfg.epochs:
         return None, None
