@@ -292,3 +292,15 @@ def test_hf_mean_pooling_averages_patch_tokens_only():
         tokens = model.pih2t.forward_features(x)
         assert tokens.shape[1] == 2 + (32 // 8) ** 2
         torch.testing.assert_close(model.pih2t.pool(tokens), tokens[:, 2:].mean(dim=1))
+
+
+def test_automodel_loads_the_feature_extractor_of_a_classifier_checkpoint(saved):
+    """`AutoModel` on a classifier checkpoint gives the backbone (+PIF) alone, with the same pooled features."""
+    from transformers import AutoModel
+
+    path, x, _ = saved["timm_cnn"]
+    base = AutoModel.from_pretrained(path).eval()
+    clf = AutoModelForImageClassification.from_pretrained(path).eval()
+    assert type(base).__name__ == "PIH2TModel"
+    with torch.no_grad():
+        assert torch.equal(base(x).pooler_output, clf.pih2t(x).pooler_output)
