@@ -130,13 +130,19 @@ class PrototypeDistance:
         if prototypes.dim() != 2:
             raise ValueError("prototypes must be a (num_classes, D) tensor")
         self.prototypes = prototypes
+        self.has_prototype = ~torch.isnan(prototypes).any(dim=1)  # checked once, not on every batch
+        self.all_classes = bool(self.has_prototype.all())
         self.scale = float(scale)
 
     def __call__(self, fused: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        protos = self.prototypes.to(fused.device, fused.dtype)[labels.long()]
-        if torch.isnan(protos).any():
+        if self.prototypes.device != fused.device or self.prototypes.dtype != fused.dtype:
+            self.prototypes = self.prototypes.to(fused.device, fused.dtype)
+            self.has_prototype = self.has_prototype.to(fused.device)
+        labels = labels.long()
+        if not self.all_classes and not bool(self.has_prototype[labels].all()):
             raise ValueError("H2TF: a fused sample's class has no prototype (no stage-1 features of that class)")
-        return (fused.flatten(1) - protos.flatten(1)).norm(dim=1) / self.scale
+        protos = self.prototypes.index_select(0, labels)
+        return torch.linalg.vector_norm(fused.flatten(1) - protos.flatten(1), dim=1) / self.scale
 
 
 def h2tf_fuse(
@@ -161,7 +167,8 @@ def h2tf_fuse(
     if labels.shape[0] != fused.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for a batch of {fused.shape[0]}")
     with torch.no_grad():
-        rho = h2tf_ratio(distance(fused.detach(), labels)).to(fused.dtype)
+        rho = h2tf_ratio(distance(fused.detach(), labels))
+        rho = rho.to(fused.dtype) if rho.dtype != fused.dtype else rho
     if mode == "interpolate":
         view = [-1] + [1] * (fused.dim() - 1)
         return torch.lerp(fusing, fused, rho.view(view)), rho  # ρ·x1 + (1 − ρ)·x2 in one pass
