@@ -235,3 +235,75 @@ def test_end_to_end_image_dataset_with_timm_backbone(tmp_path):
     rebuilt = load_or_extract(lambda x: calls.append(len(x)) or model(x), apply_transform(digits, smaller), tmp_path,
                               {**manifest, "transform": repr(smaller)}, batch_size=8, progress=False)
     assert sum(calls) == 24 and rebuilt.manifest["request"]["transform"] == repr(smaller)
+
+
+# ---------------------------------------------------------------------------------------------- CacheRowReader
+
+
+def _mapped_paths() -> set[str]:
+    with open("/proc/self/maps") as handle:
+        return {line.split(maxsplit=5)[-1].strip() for line in handle if len(line.split()) >= 6}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_row_reader_returns_the_stored_rows_in_request_order(tmp_path, dtype):
+    """Rows read by pread equal the file read whole by NumPy (no mmap), in any order, with repeats and negatives."""
+    from torch.utils.data import DataLoader
+
+    from pih2t_hub.data.features import CacheRowReader
+    from pih2t_hub.data.samplers import DualBranchDataset, DualBranchSampler
+
+    extract(tmp_path, dtype=dtype)
+    whole = np.load(tmp_path / "features.npy", allow_pickle=False)  # independent full read
+    labels = np.load(tmp_path / "labels.npy", allow_pickle=False)
+    reader = CacheRowReader(tmp_path)
+    assert len(reader) == N and reader.labels.tolist() == labels.tolist()
+    order = [7, 3, 49, 3, 0, -1]
+    rows = reader.read(order)
+    assert rows.dtype == np.dtype(dtype) and rows.shape == (6, DIM_OUT)
+    assert np.array_equal(rows, whole[[7, 3, 49, 3, 0, 49]])
+    x, y = reader[12]
+    assert np.array_equal(x.numpy(), whole[12]) and int(y) == labels[12]
+
+    # a dual-branch loader over the reader gives the same batches as over the memory-mapped TensorDataset
+    sampler = DualBranchSampler(labels, seed=3)
+    def batches(base):
+        return list(DataLoader(DualBranchDataset(base), batch_size=16, sampler=sampler))
+    for ours, mapped in zip(batches(reader), batches(FeatureCache.open(tmp_path).as_tensor_dataset())):
+        for branch in ("fused", "fusing"):
+            assert torch.equal(ours[branch][0], mapped[branch][0]) and torch.equal(ours[branch][1], mapped[branch][1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_row_reader_never_maps_the_feature_file(tmp_path):
+    """The point of the reader: reading every row leaves the file unmapped, so it adds nothing to RSS."""
+    from pih2t_hub.data.features import CacheRowReader
+
+    extract(tmp_path)
+    reader = CacheRowReader(tmp_path)
+    reader.read(np.arange(N)[::-1])
+    assert str((tmp_path / "features.npy").resolve()) not in _mapped_paths()
+    mapped = FeatureCache.open(tmp_path)  # contrast: the ordinary cache does map it
+    assert str((tmp_path / "features.npy").resolve()) in _mapped_paths()
+    del mapped
+
+
+def test_row_reader_views_and_bad_input(tmp_path):
+    from pih2t_hub.data.features import CacheRowReader
+
+    extract(tmp_path, dataset=Toy(noise=True), num_views=3)
+    whole = np.load(tmp_path / "features.npy", allow_pickle=False)  # (N, 3, D)
+    labels = np.load(tmp_path / "labels.npy", allow_pickle=False)
+    assert np.array_equal(CacheRowReader(tmp_path, view=2).read([5, 1]), whole[[5, 1], 2])
+    flat = CacheRowReader(tmp_path)
+    assert len(flat) == 3 * N
+    assert np.array_equal(flat.read([3 * 5 + 1]), whole[5, 1][None])  # sample 5, view 1
+    assert flat.labels.tolist() == np.repeat(labels, 3).tolist()
+    with pytest.raises(ValueError, match="view"):
+        CacheRowReader(tmp_path, view=3)
+    with pytest.raises(IndexError, match="out of range"):
+        flat.read([3 * N])
+    with pytest.raises(TypeError, match="integers"):
+        flat.read([0.5])
+    with pytest.raises(FileNotFoundError, match="no complete feature cache"):
+        CacheRowReader(tmp_path / "missing")

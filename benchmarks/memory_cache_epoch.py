@@ -1,0 +1,441 @@
+"""Peak memory of a stage-2 epoch over a 1,000,000 x 1,280 fp16 feature cache (issue 9, item 2e): target < 1 GB.
+
+Setup: a synthetic cache in the ``FeatureCache`` on-disk format (``features.npy`` fp16, ``labels.npy`` int64 with
+exponentially long-tailed classes, ``manifest.json``; 2.56 GB) is written in chunks with plain file writes (so
+the writer never maps it) into ``--workdir`` (default: a fresh directory under /tmp), then reused if it is
+already there. It is deleted at the end unless ``--keep``.
+
+The epoch: H2T (p = 0.25) stage 2 as ``run.py`` does it on cached features — ``DualBranchSampler`` (fused rows
+class-balanced, fusing rows a permutation of all rows) over ``DualBranchDataset``, batch ``--batch`` pairs,
+linear head, cross-entropy, SGD, the real ``train_loop`` on ``accelerate`` (CPU) — one full epoch, i.e.
+``rows / batch`` steps, each reading ``2 x batch`` random rows. Each reading mode runs in a fresh child process so
+its peak is its own:
+
+* ``mmap``: ``FeatureCache.open(...).as_tensor_dataset()``, the memory-mapped arrays (the default path);
+* ``pread``: ``CacheRowReader`` (``pih2t_hub.data.features``), which copies each batch's rows out of the file
+  with ``os.pread`` and never maps it;
+* ``pread-lazy`` (a what-if, not the library's path): ``pread`` plus a ``DualBranchSampler`` subclass that
+  iterates its pairs in chunks; the library's ``__iter__`` materialises all ``N`` pairs as Python tuples
+  (~250 MiB at N = 10^6) before the first step.
+
+Memory, from ``/proc/self/status`` of the child: ``VmHWM`` (the kernel's peak resident set: anonymous +
+file-backed + shared pages) and the peaks of ``RssAnon`` and ``RssFile`` sampled every 20 ms by a thread.
+Pages of a *mapped* file that the process touched count in its RSS as ``RssFile`` until unmapped, so the mmap
+path's total grows towards the file size even though nothing is copied; pages read with ``pread`` stay in the
+kernel's page cache, which belongs to no process. The baseline (interpreter + torch + accelerate + the sampler's
+index list, before the first step) is reported too. Target: peak total RSS (VmHWM) < 1 GB (10^9 bytes).
+
+    python benchmarks/memory_cache_epoch.py [--workdir DIR] [--keep]      # ~3 min on 2 cores, 2.6 GB of disk
+
+Prints a table and writes ``benchmarks/results/memory_cache_epoch.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import argparse
+import contextlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET_BYTES = 1_000_000_000
+MODES = ("mmap", "pread", "pread-lazy")
+_OWN_FILES = ("features.npy", "labels.npy", "manifest.json")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it (numbers belong to a code version)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pih2t_hub"], cwd=root, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "pih2t_hub_modified": None}
+    return {"commit": head.stdout.strip(), "pih2t_hub_modified": sorted(
+        line[3:] for line in dirty.stdout.splitlines() if line.strip())}
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def proc_status() -> dict[str, int]:
+    """Memory fields of /proc/self/status in bytes (VmRSS, VmHWM, RssAnon, RssFile, RssShmem)."""
+    out = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def mapped_rss(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (from /proc/self/smaps): the file's share of RSS."""
+    target, total, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping header: "start-end perms offset dev inode path"
+                parts = line.split(maxsplit=5)
+                inside = len(parts) == 6 and parts[5].strip() == target
+            elif inside and first == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class PeakSampler:
+    """Samples /proc/self/status every ``interval_s`` in a thread, and the feature file's mapped RSS every
+    ``smaps_every`` samples (smaps is slower to read); ``peaks`` holds the maximum of each field seen."""
+
+    def __init__(self, features_path: Path, interval_s: float = 0.02, smaps_every: int = 250) -> None:
+        self.features_path = features_path
+        self.interval_s = interval_s
+        self.smaps_every = smaps_every
+        self.peaks: dict[str, int] = {**proc_status(), "CacheFileRss": mapped_rss(features_path)}
+        self.timeline: list[tuple[float, int, int, int]] = []  # (seconds, VmRSS, RssAnon, RssFile), every ~0.25 s
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+
+    def _sample(self, smaps: bool = True) -> None:
+        values = proc_status()
+        if smaps:
+            values["CacheFileRss"] = mapped_rss(self.features_path)
+        for key, value in values.items():
+            self.peaks[key] = max(self.peaks.get(key, 0), value)
+        now = time.perf_counter() - self._t0
+        if not self.timeline or now - self.timeline[-1][0] >= 0.25:
+            self.timeline.append((round(now, 3), values["VmRSS"], values["RssAnon"], values["RssFile"]))
+
+    def _run(self) -> None:
+        tick = 0
+        while not self._stop.wait(self.interval_s):
+            tick += 1
+            self._sample(smaps=tick % self.smaps_every == 0)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def long_tailed_counts(n: int, num_classes: int, ratio: float) -> np.ndarray:
+    """Class sizes decaying exponentially from head to tail (imbalance ``ratio``), summing to ``n``, all >= 1."""
+    weights = ratio ** (-np.arange(num_classes) / max(num_classes - 1, 1))
+    counts = 1 + np.floor(weights / weights.sum() * (n - num_classes)).astype(np.int64)
+    counts[0] += n - counts.sum()
+    return counts
+
+
+def cache_request(rows: int, dim: int) -> dict[str, Any]:
+    from pih2t_hub.data.features import FORMAT_VERSION
+
+    return {"backbone": "synthetic", "weights": "none", "transform": "none", "dataset": f"synthetic-{rows}x{dim}",
+            "num_samples": rows, "dtype": "float16", "num_views": 1, "shard_size": rows, "seed": 0,
+            "format_version": FORMAT_VERSION}
+
+
+def write_cache(workdir: Path, rows: int, dim: int, classes: int, chunk_rows: int) -> float:
+    """Write the cache in ``FeatureCache``'s format with buffered writes (never mapped); returns seconds."""
+    start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(classes), long_tailed_counts(rows, classes, 100.0)))
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+    tmp = workdir / "features.npy.tmp"
+    with open(tmp, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": np.dtype(np.float16).str, "fortran_order": False,
+                                                      "shape": (rows, dim)})
+        for lo in range(0, rows, chunk_rows):
+            hi = min(rows, lo + chunk_rows)
+            chunk = rng.standard_normal((hi - lo, dim), dtype=np.float32)
+            chunk += centres[labels[lo:hi]]
+            np.maximum(chunk, 0, out=chunk)  # post-ReLU-like, class-dependent features
+            handle.write(chunk.astype(np.float16).tobytes())
+    os.replace(tmp, workdir / "features.npy")
+    tmp = workdir / "labels.npy.tmp"
+    with open(tmp, "wb") as handle:
+        np.save(handle, labels.astype(np.int64), allow_pickle=False)
+    os.replace(tmp, workdir / "labels.npy")
+    manifest = {"request": cache_request(rows, dim), "complete": True, "feature_shape": [dim]}
+    tmp = workdir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, workdir / "manifest.json")
+    return time.perf_counter() - start
+
+
+def cache_is_there(workdir: Path, rows: int, dim: int) -> bool:
+    from pih2t_hub.data.features import FeatureCache
+
+    try:
+        cache = FeatureCache.open(workdir, manifest=cache_request(rows, dim))
+    except (FileNotFoundError, ValueError):
+        return False
+    ok = cache.features.shape == (rows, dim) and cache.features.dtype == np.float16
+    del cache
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------- the child
+
+
+def child(args: argparse.Namespace) -> int:
+    """One epoch in this (fresh) process; prints one JSON line with the measurements."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from pih2t_hub.data.features import CacheRowReader, FeatureCache
+    from pih2t_hub.data.samplers import DualBranchDataset, DualBranchSampler
+    from pih2t_hub.losses import build_loss
+    from pih2t_hub.models.pih2t.heads import LinearHead
+    from pih2t_hub.training.config import RunConfig
+    from pih2t_hub.training.loop import cosine_per_epoch, train_loop
+    from pih2t_hub.training.methods import get_method
+    from pih2t_hub.training.run import make_fusion
+
+    class ChunkedDualBranchSampler(DualBranchSampler):
+        """What-if (mode ``pread-lazy``): the same pairs, but iterated in chunks of 65,536 instead of one list of
+        ``N`` Python tuples (``DualBranchSampler.__iter__`` builds that list: ~250 MiB at N = 10^6)."""
+
+        def __iter__(self):
+            for chunk in self.indices().split(65_536):
+                yield from map(tuple, chunk.tolist())
+
+    after_imports = proc_status()
+    if args.child == "mmap":
+        cache = FeatureCache.open(args.workdir)
+        base = cache.as_tensor_dataset()
+        labels = torch.from_numpy(np.asarray(cache.labels))
+    else:
+        base = CacheRowReader(args.workdir)
+        labels = base.labels
+    dim = base[0][0].shape[0]
+    num_classes = int(labels.max()) + 1
+    cfg = RunConfig(fusion_ratio=0.25)
+    accelerator = Accelerator(cpu=True)
+    head = LinearHead(dim, num_classes)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sampler_cls = ChunkedDualBranchSampler if args.child == "pread-lazy" else DualBranchSampler
+    loader = DataLoader(DualBranchDataset(base), batch_size=args.batch, sampler=sampler_cls(labels, seed=0))
+    head, opt, loader = accelerator.prepare(head, opt, loader)
+    fuse = make_fusion(get_method("h2t"), cfg, torch.Generator().manual_seed(1), None)
+    loss_fn = build_loss("ce")
+
+    def step(batch):  # run.py's cached stage-2 step
+        (xf, yf), (xg, _) = batch["fused"], batch["fusing"]
+        return loss_fn(head(fuse(xf.float(), xg.float(), yf, -1)), yf)
+
+    before_epoch = proc_status()
+    load_before = os.getloadavg()[0]
+    with PeakSampler(Path(args.workdir) / "features.npy") as sampler, contextlib.redirect_stderr(open(os.devnull, "w")):
+        start = time.perf_counter()
+        state = train_loop(accelerator, trainable=head, optimizer=opt, loader=loader, step=step, epochs=1,
+                           lr_at_epoch=cosine_per_epoch(cfg.lr, 1), stop_after_steps=args.max_steps)
+        seconds = time.perf_counter() - start
+    end = {**proc_status(), "CacheFileRss": mapped_rss(Path(args.workdir) / "features.npy")}
+    print(json.dumps({
+        "mode": args.child, "steps": state.global_step, "samples": state.global_step * args.batch,
+        "epoch_seconds": seconds, "final_loss": state.last_loss,
+        "after_imports": after_imports, "before_epoch": before_epoch, "end": end,
+        "peaks_sampled": sampler.peaks, "vmhwm": end["VmHWM"], "timeline": sampler.timeline,
+        "torch_threads": torch.get_num_threads(), "loadavg_1min_start_end": [round(load_before, 2),
+                                                                             round(os.getloadavg()[0], 2)],
+    }))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def plot_timelines(runs: dict[str, Any], path: Path, args: argparse.Namespace) -> str | None:
+    """RSS (total and anonymous) over the epoch for each reading mode, against the 1 GB target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = {"mmap": "tab:red", "pread": "tab:blue", "pread-lazy": "tab:green"}
+    for mode, r in runs.items():
+        t = [p[0] for p in r["timeline"]]
+        ax.plot(t, [p[1] / 2**20 for p in r["timeline"]], color=colours.get(mode), label=f"{mode}: total RSS")
+        ax.plot(t, [p[2] / 2**20 for p in r["timeline"]], color=colours.get(mode), ls="--",
+                label=f"{mode}: anonymous (RssAnon)")
+    ax.axhline(TARGET_BYTES / 2**20, color="k", lw=0.8, ls=":", label="target 1 GB")
+    ax.set_xlabel("seconds into the epoch")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"Stage-2 H2T epoch over a {args.rows:,} x {args.dim} fp16 cache, batch {args.batch}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)
+
+
+
+def thin(points: list, keep: int) -> list:
+    """About ``keep`` evenly spaced points of a timeline, always including the last one."""
+    step = max(1, len(points) // keep)
+    return points[::step] + ([points[-1]] if points and (len(points) - 1) % step else [])
+
+
+def mb(x: int) -> float:
+    """Bytes to MiB (the table and JSON say MiB; the target is 10^9 bytes = 953.7 MiB)."""
+    return round(x / 2**20, 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--max-steps", type=int, default=None, help="stop the epoch early (default: whole epoch)")
+    parser.add_argument("--chunk-rows", type=int, default=50_000)
+    parser.add_argument("--workdir", default=None, help="where the cache is written (default: a new dir in /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the cache (reused by the next run)")
+    parser.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory_cache_epoch.json"))
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    made_dir = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pih2t-memcache-"))
+    size_bytes = args.rows * args.dim * 2
+    if shutil.disk_usage(workdir.parent if made_dir else (workdir if workdir.exists() else workdir.parent)).free \
+            < size_bytes * 1.1 and not cache_is_there(workdir, args.rows, args.dim):
+        raise SystemExit(f"not enough free disk for a {size_bytes / 1e9:.2f} GB cache under {workdir}")
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    runs: dict[str, Any] = {}
+    try:
+        if cache_is_there(workdir, args.rows, args.dim):
+            write_s = None
+            print(f"reusing the cache in {workdir}", flush=True)
+        else:
+            print(f"writing a {args.rows:,} x {args.dim} fp16 cache ({size_bytes / 1e9:.2f} GB) to {workdir} ...",
+                  flush=True)
+            write_s = write_cache(workdir, args.rows, args.dim, args.classes, args.chunk_rows)
+        for mode in args.modes:
+            print(f"epoch with {mode} reads ({args.rows // args.batch} steps of {args.batch} pairs) ...", flush=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--workdir", str(workdir),
+                   "--batch", str(args.batch)]
+            if args.max_steps:
+                cmd += ["--max-steps", str(args.max_steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{mode} child failed:\n{proc.stderr[-3000:]}")
+            runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        if not args.keep:
+            for name in _OWN_FILES + tuple(n + ".tmp" for n in _OWN_FILES):
+                with contextlib.suppress(FileNotFoundError):
+                    (workdir / name).unlink()
+            if made_dir:
+                with contextlib.suppress(OSError):
+                    workdir.rmdir()
+
+    plot = plot_timelines(runs, Path(args.out).with_suffix(".png"), args) if runs else None
+    summary = {}
+    for mode, r in runs.items():
+        peaks = r["peaks_sampled"]
+        summary[mode] = {
+            "epoch_seconds": round(r["epoch_seconds"], 2),
+            "steps": r["steps"],
+            "samples_per_second": round(r["samples"] / r["epoch_seconds"], 1),
+            "peak_total_rss_vmhwm_mb": mb(r["vmhwm"]),
+            "peak_rss_anon_mb": mb(peaks["RssAnon"]),
+            "peak_rss_file_mb": mb(peaks["RssFile"]),
+            "peak_rss_shmem_mb": mb(peaks.get("RssShmem", 0)),
+            "cache_file_rss_peak_mb": mb(max(peaks["CacheFileRss"], r["end"]["CacheFileRss"])),
+            "epoch_increment_mb": mb(r["vmhwm"] - r["before_epoch"]["VmRSS"]),
+            "rss_after_imports_mb": mb(r["after_imports"]["VmRSS"]),
+            "rss_before_epoch_mb": mb(r["before_epoch"]["VmRSS"]),
+            "rss_anon_before_epoch_mb": mb(r["before_epoch"]["RssAnon"]),
+            "target_met": r["vmhwm"] < TARGET_BYTES,
+            "final_loss": round(r["final_loss"], 4),
+            "loadavg_1min_start_end": r["loadavg_1min_start_end"],
+        }
+    result = {
+        "benchmark": "memory_cache_epoch",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "rows": args.rows, "dim": args.dim, "dtype": "float16", "classes": args.classes, "batch_size": args.batch,
+        "cache_bytes_on_disk": size_bytes, "cache_write_seconds": None if write_s is None else round(write_s, 1),
+        "epoch": "H2T p=0.25, DualBranchSampler + DualBranchDataset, linear head, CE, SGD, train_loop "
+                 "(accelerate, CPU)",
+        "max_steps": args.max_steps,
+        "target_bytes": TARGET_BYTES,
+        "modes": summary,
+        "target_met": {m: s["target_met"] for m, s in summary.items()},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+                    "python": platform.python_version(), "platform": platform.platform(),
+                    "memory_total_mb": mb(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                    "loadavg_1_5_15_at_start": load_start,
+                    "loadavg_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()], "git": git_state()},
+        "kept_cache": str(workdir) if args.keep else None,
+        "plot": plot,
+        "timelines_mib": {m: [[t, mb(v), mb(a), mb(f)] for t, v, a, f in thin(r["timeline"], 150)]
+                          for m, r in runs.items()},
+    }
+    print(f"\nstage-2 epoch over a {args.rows:,} x {args.dim} fp16 memory-mapped cache ({size_bytes / 1e9:.2f} GB), "
+          f"batch {args.batch}, H2T")
+    print(f"  {'reads':<11}{'epoch s':>9}{'steps':>7}{'peak RSS':>10}{'RssAnon':>9}{'RssFile':>9}{'of cache':>10}"
+          f"{'base':>7}{'epoch +':>9}  (MiB)  target < 1 GB (953.7 MiB)")
+    for mode, s in summary.items():
+        print(f"  {mode:<11}{s['epoch_seconds']:>9.1f}{s['steps']:>7}{s['peak_total_rss_vmhwm_mb']:>10.1f}"
+              f"{s['peak_rss_anon_mb']:>9.1f}{s['peak_rss_file_mb']:>9.1f}{s['cache_file_rss_peak_mb']:>10.1f}"
+              f"{s['rss_before_epoch_mb']:>7.1f}{s['epoch_increment_mb']:>9.1f}"
+              f"  target met: {'yes' if s['target_met'] else 'no'}")
+    print("  peak RSS = VmHWM (total); RssAnon / RssFile = sampled peaks; of cache = RSS of the features.npy mapping;")
+    print("  base = RSS before the first step (interpreter + torch + pih2t_hub imports + loader); "
+          "epoch + = peak - base")
+    print(f"  load average at start/end: {load_start[0]} / {result['machine']['loadavg_1_5_15_at_end'][0]}; per mode: "
+          + ", ".join(f"{m} {s['loadavg_1min_start_end']}" for m, s in summary.items())
+          + " (epoch seconds are only comparable at low load; the memory figures do not depend on it)")
+    if not args.keep:
+        print(f"  removed the cache in {workdir}")
+    out = Path(args.out)
+    write_json(out, result)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
