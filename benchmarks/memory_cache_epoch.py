@@ -313,7 +313,7 @@ def thin(points: list, keep: int) -> list:
     return points[::step] + ([points[-1]] if points and (len(points) - 1) % step else [])
 
 
-def mb(x: int) -> float:
+def mib(x: int) -> float:
     """Bytes to MiB (the table and JSON say MiB; the target is 10^9 bytes = 953.7 MiB)."""
     return round(x / 2**20, 1)
 
@@ -380,15 +380,15 @@ def main() -> int:
             "epoch_seconds": round(r["epoch_seconds"], 2),
             "steps": r["steps"],
             "samples_per_second": round(r["samples"] / r["epoch_seconds"], 1),
-            "peak_total_rss_vmhwm_mb": mb(r["vmhwm"]),
-            "peak_rss_anon_mb": mb(peaks["RssAnon"]),
-            "peak_rss_file_mb": mb(peaks["RssFile"]),
-            "peak_rss_shmem_mb": mb(peaks.get("RssShmem", 0)),
-            "cache_file_rss_peak_mb": mb(max(peaks["CacheFileRss"], r["end"]["CacheFileRss"])),
-            "epoch_increment_mb": mb(r["vmhwm"] - r["before_epoch"]["VmRSS"]),
-            "rss_after_imports_mb": mb(r["after_imports"]["VmRSS"]),
-            "rss_before_epoch_mb": mb(r["before_epoch"]["VmRSS"]),
-            "rss_anon_before_epoch_mb": mb(r["before_epoch"]["RssAnon"]),
+            "peak_total_rss_vmhwm_mib": mib(r["vmhwm"]),
+            "peak_rss_anon_mib": mib(peaks["RssAnon"]),
+            "peak_rss_file_mib": mib(peaks["RssFile"]),
+            "peak_rss_shmem_mib": mib(peaks.get("RssShmem", 0)),
+            "cache_file_rss_peak_mib": mib(max(peaks["CacheFileRss"], r["end"]["CacheFileRss"])),
+            "epoch_increment_mib": mib(r["vmhwm"] - r["before_epoch"]["VmRSS"]),
+            "rss_after_imports_mib": mib(r["after_imports"]["VmRSS"]),
+            "rss_before_epoch_mib": mib(r["before_epoch"]["VmRSS"]),
+            "rss_anon_before_epoch_mib": mib(r["before_epoch"]["RssAnon"]),
             "target_met": r["vmhwm"] < TARGET_BYTES,
             "final_loss": round(r["final_loss"], 4),
             "loadavg_1min_start_end": r["loadavg_1min_start_end"],
@@ -406,12 +406,12 @@ def main() -> int:
         "target_met": {m: s["target_met"] for m, s in summary.items()},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
                     "python": platform.python_version(), "platform": platform.platform(),
-                    "memory_total_mb": mb(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                    "memory_total_mib": mib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                     "loadavg_1_5_15_at_start": load_start,
                     "loadavg_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()], "git": git_state()},
         "kept_cache": str(workdir) if args.keep else None,
         "plot": plot,
-        "timelines_mib": {m: [[t, mb(v), mb(a), mb(f)] for t, v, a, f in thin(r["timeline"], 150)]
+        "timelines_mib": {m: [[t, mib(v), mib(a), mib(f)] for t, v, a, f in thin(r["timeline"], 150)]
                           for m, r in runs.items()},
     }
     print(f"\nstage-2 epoch over a {args.rows:,} x {args.dim} fp16 memory-mapped cache ({size_bytes / 1e9:.2f} GB), "
@@ -419,9 +419,9 @@ def main() -> int:
     print(f"  {'reads':<11}{'epoch s':>9}{'steps':>7}{'peak RSS':>10}{'RssAnon':>9}{'RssFile':>9}{'of cache':>10}"
           f"{'base':>7}{'epoch +':>9}  (MiB)  target < 1 GB (953.7 MiB)")
     for mode, s in summary.items():
-        print(f"  {mode:<11}{s['epoch_seconds']:>9.1f}{s['steps']:>7}{s['peak_total_rss_vmhwm_mb']:>10.1f}"
-              f"{s['peak_rss_anon_mb']:>9.1f}{s['peak_rss_file_mb']:>9.1f}{s['cache_file_rss_peak_mb']:>10.1f}"
-              f"{s['rss_before_epoch_mb']:>7.1f}{s['epoch_increment_mb']:>9.1f}"
+        print(f"  {mode:<11}{s['epoch_seconds']:>9.1f}{s['steps']:>7}{s['peak_total_rss_vmhwm_mib']:>10.1f}"
+              f"{s['peak_rss_anon_mib']:>9.1f}{s['peak_rss_file_mib']:>9.1f}{s['cache_file_rss_peak_mib']:>10.1f}"
+              f"{s['rss_before_epoch_mib']:>7.1f}{s['epoch_increment_mib']:>9.1f}"
               f"  target met: {'yes' if s['target_met'] else 'no'}")
     print("  peak RSS = VmHWM (total); RssAnon / RssFile = sampled peaks; of cache = RSS of the features.npy mapping;")
     print("  base = RSS before the first step (interpreter + torch + pih2t_hub imports + loader); "

@@ -95,7 +95,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224, help="the backbone's native input size")
-    parser.add_argument("--rounds", type=int, default=12, help="timed A/B pairs (each side runs --rounds batches)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed A/B pairs (each side runs --rounds batches)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--random-weights", action="store_true", help="skip the ImageNet weights")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed_extraction.json"))
