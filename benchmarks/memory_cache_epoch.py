@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import git_state, write_json  # noqa: E402  (this folder is on sys.path)
 
 TARGET_BYTES = 1_000_000_000
 MODES = ("mmap", "pread", "pread-lazy")
@@ -60,26 +61,6 @@ _OWN_FILES = ("features.npy", "labels.npy", "manifest.json")
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def git_state() -> dict[str, Any]:
-    """The commit measured, and whether the working tree differed from it (numbers belong to a code version)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pih2t_hub"], cwd=root, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "pih2t_hub_modified": None}
-    return {"commit": head.stdout.strip(), "pih2t_hub_modified": sorted(
-        line[3:] for line in dirty.stdout.splitlines() if line.strip())}
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def proc_status() -> dict[str, int]:

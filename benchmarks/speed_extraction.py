@@ -29,57 +29,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
+from _common import machine_info, write_json  # noqa: E402  (this folder is on sys.path)
 
 TARGET = 0.97
 
 
-def machine_info() -> dict[str, Any]:
-    import timm
 
-    return {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
-        "git": git_state(),
-    }
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured, and whether the working tree differed from it (numbers belong to a code version)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pih2t_hub"], cwd=root, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "pih2t_hub_modified": None}
-    return {"commit": head.stdout.strip(), "pih2t_hub_modified": sorted(
-        line[3:] for line in dirty.stdout.splitlines() if line.strip())}
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def count_flops(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:

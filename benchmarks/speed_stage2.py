@@ -40,8 +40,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import argparse
 import contextlib
 import copy
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from _common import machine_info, write_json  # noqa: E402  (this folder is on sys.path)
 
 EPOCH_TARGET = 50.0
 STEP_TARGET = 1.10
@@ -61,45 +60,7 @@ STEP_TARGET = 1.10
 # ---------------------------------------------------------------------------------------------- shared helpers
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on (the JSON must say)."""
-    import timm
 
-    load = os.getloadavg()
-    return {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "loadavg_1_5_15_at_start": [round(x, 2) for x in load],
-        "git": git_state(),
-    }
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured, and whether the working tree differed from it (numbers belong to a code version)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pih2t_hub"], cwd=root, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "pih2t_hub_modified": None}
-    return {"commit": head.stdout.strip(), "pih2t_hub_modified": sorted(
-        line[3:] for line in dirty.stdout.splitlines() if line.strip())}
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def long_tailed_labels(n: int, num_classes: int, ratio: float, seed: int) -> torch.Tensor:
