@@ -264,7 +264,10 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     if needs_cache:
         for split in ("train", "val", "test"):
             manifest = {"backbone": model.config.backbone, "weights": weights_id, "transform": repr(eval_tf),
-                        "split": split, "dataset": cfg.dataset, "seed": cfg.seed, "ir": cfg.imbalance_ratio}
+                        "split": split, "seed": cfg.seed, "ir": cfg.imbalance_ratio,
+                        # the split's exact rows (select() fingerprints are deterministic): a shared cache_dir
+                        # must never serve features of other rows (e.g. another test_per_class or max_per_class)
+                        "dataset": f"{cfg.dataset}:{data[split]._fingerprint}"}
             with accelerator.main_process_first():
                 cache = load_or_extract(encode, images(split, False), cache_root / split, manifest,
                                         batch_size=cfg.batch_size, dtype=cfg.feature_dtype,
