@@ -95,7 +95,7 @@ def _reloaded_test_predictions(out: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_cli_stage1_finetune_then_stage2_h2t(tmp_path: Path, stage2_mode: str, capsys) -> None:
     out = tmp_path / "run"
     argv = TINY + ["--method", "h2t", "--stage1-mode", "finetune", "--stage2-mode", stage2_mode,
-                   "--stage1-epochs", "2", "--epochs", "2", "--batch-size", "32", "--output-dir", str(out)]
+                   "--stage1-epochs", "2", "--stage2-epochs", "2", "--batch-size", "32", "--output-dir", str(out)]
     results = _run_cli(argv)
     _check_outputs(out, results, "h2t")
     printed = capsys.readouterr().out
@@ -122,7 +122,7 @@ def test_cli_stage1_finetune_then_stage2_h2t(tmp_path: Path, stage2_mode: str, c
 def test_cli_stage2_weights_differ_from_stage1_head(tmp_path: Path) -> None:
     """Stage 2 retrains the head: the saved classifier is not the stage-1 classifier (guards a no-op stage 2)."""
     out = tmp_path / "run"
-    argv = TINY + ["--method", "ce", "--stage1-mode", "linear", "--stage1-epochs", "1", "--epochs", "1",
+    argv = TINY + ["--method", "ce", "--stage1-mode", "linear", "--stage1-epochs", "1", "--stage2-epochs", "1",
                    "--batch-size", "32", "--checkpoint-every", "0", "--output-dir", str(out)]
     _run_cli(argv)
     final = load_file(str(out / "model" / "model.safetensors"))
@@ -148,7 +148,7 @@ def test_cli_every_method_runs(tmp_path: Path, method: str) -> None:
     spec = get_method(method)
     out = tmp_path / "run"
     argv = TINY + ["--method", method, "--stage1-mode", "linear", "--stage2-mode", "cached", "--stage1-epochs", "1",
-                   "--epochs", "1", "--batch-size", "64", "--output-dir", str(out)]
+                   "--stage2-epochs", "1", "--batch-size", "64", "--output-dir", str(out)]
     if method == "dlsa":
         argv += ["--loss-kwargs", DLSA_TINY]
     results = _run_cli(argv)
@@ -168,10 +168,10 @@ def test_cli_every_method_runs(tmp_path: Path, method: str) -> None:
 
 def test_cli_config_file_with_overrides(tmp_path: Path) -> None:
     recipe = tmp_path / "mine.yaml"
-    recipe.write_text("method: crt\nepochs: 7\nbatch_size: 16\nloss_kwargs: {tau: 2.0}\n")
-    cfg = finetune.resolve_config(["--config", str(recipe), "--epochs", "3", "--resume", "--seed", "5",
+    recipe.write_text("method: crt\nstage2_epochs: 7\nbatch_size: 16\nloss_kwargs: {tau: 2.0}\n")
+    cfg = finetune.resolve_config(["--config", str(recipe), "--stage2-epochs", "3", "--resume", "--seed", "5",
                                    "--loss-kwargs", "{gamma: 1.5}", "--max-per-class", "40"])
-    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.resume, cfg.seed) == ("crt", 3, 16, True, 5)
+    assert (cfg.method, cfg.stage2_epochs, cfg.batch_size, cfg.resume, cfg.seed) == ("crt", 3, 16, True, 5)
     assert cfg.max_per_class == 40
     assert cfg.loss_kwargs == {"gamma": 1.5}  # the CLI mapping replaces the recipe's
     demo = finetune.resolve_config(["--config", "demo"])  # a name in recipes/configs/
@@ -212,7 +212,7 @@ def test_stage2_alone_starts_from_a_saved_stage1_model(tmp_path: Path) -> None:
     _run_cli([*TINY, "--stage", "1", "--stage1-mode", "finetune", "--stage1-epochs", "1", "--batch-size", "32",
               "--method", "ce", "--output-dir", str(s1)])
     s2 = tmp_path / "s2"
-    res = _run_cli([*TINY, "--stage", "2", "--init-from", str(s1 / "model"), "--method", "h2t", "--epochs", "1",
+    res = _run_cli([*TINY, "--stage", "2", "--init-from", str(s1 / "model"), "--method", "h2t", "--stage2-epochs", "1",
                     "--batch-size", "32", "--output-dir", str(s2)])
     _check_outputs(s2, res, "h2t")
     w1, w2 = load_file(str(s1 / "model" / "model.safetensors")), load_file(str(s2 / "model" / "model.safetensors"))
@@ -234,7 +234,7 @@ def test_cli_pi_h2t_trains_pif_in_stage1_and_h2tf_online(tmp_path: Path) -> None
     """PI-H2T end to end: PIF is inserted and trained in stage 1, H2TF needs stage-1 prototypes on the online path."""
     out = tmp_path / "run"
     results = _run_cli(TINY + ["--method", "pi-h2t", "--stage1-mode", "finetune", "--stage2-mode", "online",
-                               "--stage1-epochs", "1", "--epochs", "1", "--batch-size", "32", "--output-dir", str(out)])
+                               "--stage1-epochs", "1", "--stage2-epochs", "1", "--batch-size", "32", "--output-dir", str(out)])
     _check_outputs(out, results, "pi-h2t")
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["pif"] is True and config["method"] == "pi-h2t"
@@ -271,7 +271,7 @@ def test_cli_push_to_hub_uploads_the_validated_model_folder(tmp_path: Path, monk
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     out = tmp_path / "run"
-    _run_cli(TINY + ["--method", "h2t", "--stage1-epochs", "1", "--epochs", "1", "--batch-size", "32",
+    _run_cli(TINY + ["--method", "h2t", "--stage1-epochs", "1", "--stage2-epochs", "1", "--batch-size", "32",
                      "--push-to-hub", "--hub-model-id", "me/h2t-digits-lt", "--output-dir", str(out)])
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1]["repo_id"] == "me/h2t-digits-lt" and calls[1][1]["repo_id"] == "me/h2t-digits-lt"
@@ -289,7 +289,7 @@ def test_cli_report_to_tensorboard_logs_every_epoch(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    _run_cli(TINY + ["--method", "h2t", "--stage1-epochs", "2", "--epochs", "2", "--batch-size", "32",
+    _run_cli(TINY + ["--method", "h2t", "--stage1-epochs", "2", "--stage2-epochs", "2", "--batch-size", "32",
                      "--report-to", "tensorboard", "--output-dir", str(out)])
     events = list((out / "pih2t").rglob("events.out.tfevents*"))
     assert events, sorted(str(p) for p in out.rglob("*"))[:20]

@@ -452,7 +452,7 @@ def _load_recipe():
 
 def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     argv = TINY + ["--method", "h2t", "--stage1-mode", "finetune", "--stage2-mode", "online", "--stage1-epochs", "1",
-                   "--epochs", "2", "--batch-size", "32", "--checkpoint-every", "2"]
+                   "--stage2-epochs", "2", "--batch-size", "32", "--checkpoint-every", "2"]
     # stage 2: 7 steps per epoch; checkpoints 2, 4, 6, 7 (epoch end), 8, 10, 12 -> blocked at 12, newest sealed 10
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     assert _load_recipe().main(argv + ["--output-dir", str(ref_out)]) == 0
@@ -527,7 +527,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     accuracy-based metrics equal exactly (ECE within 1e-6).
     """
     argv = TINY + ["--method", "crt", "--stage1-mode", "linear", "--stage2-mode", "cached", "--imbalance-ratio", "5",
-                   "--stage1-epochs", "2", "--epochs", "2", "--stage1-lr", "2.0", "--lr", "0.5"]
+                   "--stage1-epochs", "2", "--stage2-epochs", "2", "--stage1-lr", "2.0", "--lr", "0.5"]
     one, two, dump = tmp_path / "one", tmp_path / "two", tmp_path / "dump"
     dump.mkdir()
     wrapper = tmp_path / "rank_wrapper.py"

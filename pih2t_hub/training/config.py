@@ -35,9 +35,12 @@ class RunConfig:
     head_type: str = "linear"
     # method
     method: str = "h2t"
+    loss: str | None = None  # None: the method's own loss; a name combines a fusion method with it ("X + H2T")
+    sampler: str | None = None  # None: the method's own stage-2 sampler
     fusion_ratio: float = 0.25
     h2tf_mode: str = "interpolate"
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    method_kwargs: dict[str, Any] = field(default_factory=dict)  # method hyper-parameters (e.g. DLSA's, τ grid)
     # stages
     stage: str = "both"  # "1", "2" or "both"
     stage1_mode: str = "linear"  # "linear": head on cached features of the frozen backbone; "finetune": end to end
@@ -46,11 +49,14 @@ class RunConfig:
     stage1_lr: float = 0.1
     mixup_alpha: float = 0.0
     shift_bn: bool = True
-    epochs: int = 10
-    lr: float = 0.02
-    batch_size: int = 128
-    weight_decay: float = 5e-4
+    batch_size: int = 128  # stage 1 and feature extraction
+    weight_decay: float = 5e-4  # stage 1
     momentum: float = 0.9
+    # stage 2: None takes the method's published recipe (pih2t_hub.methods); the resolved values are recorded
+    stage2_epochs: int | None = None
+    stage2_lr: float | None = None
+    stage2_batch_size: int | None = None
+    stage2_weight_decay: float | None = None
     grad_accum: int = 1
     mixed_precision: str = "no"
     feature_dtype: str = "float32"
@@ -65,8 +71,10 @@ class RunConfig:
     checkpoint_every: int = 0
     keep_last: int = 2
     resume: bool = False
+    export: str = "pih2t"  # saved model format: "pih2t" (transformers, remote code) or "timm" (plain timm folder too)
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    hub_format: str = "pih2t"  # what --push-to-hub uploads: "pih2t" or "timm"
 
     def validate(self) -> "RunConfig":
         if self.imbalance_ratio is not None and (not math.isfinite(self.imbalance_ratio) or self.imbalance_ratio < 1):
@@ -79,9 +87,18 @@ class RunConfig:
             raise ValueError(f"stage2_mode must be 'cached' or 'online', got {self.stage2_mode!r}")
         if not 0.0 <= self.fusion_ratio <= 1.0:
             raise ValueError(f"fusion_ratio must lie in [0, 1], got {self.fusion_ratio}")
-        for name in ("epochs", "stage1_epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < (0 if "epochs" in name else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("stage1_epochs", "stage2_epochs", "batch_size", "stage2_batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("stage1_lr", "stage2_lr", "weight_decay", "stage2_weight_decay", "momentum"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and "lr" in name)):
+                raise ValueError(f"{name} must be finite and {'> 0' if 'lr' in name else '>= 0'}, got {value}")
+        if self.export not in ("pih2t", "timm"):
+            raise ValueError(f"export must be 'pih2t' or 'timm', got {self.export!r}")
+        if self.hub_format not in ("pih2t", "timm"):
+            raise ValueError(f"hub_format must be 'pih2t' or 'timm', got {self.hub_format!r}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push-to-hub needs --hub-model-id")
         return self

@@ -476,9 +476,11 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
         base = images("train", True)
         labels = torch.as_tensor(np.asarray(data["train"][label_col]))
         ds = SeededFetch(DualBranchDataset(base) if dual else base, cfg.seed)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=_sampler(spec.sampler, labels, cfg.seed),
+    epochs, lr = cfg.stage2_epochs or 10, cfg.stage2_lr or 0.02
+    loader = DataLoader(ds, batch_size=cfg.stage2_batch_size or cfg.batch_size,
+                        sampler=_sampler(spec.sampler, labels, cfg.seed),
                         num_workers=cfg.num_workers, generator=_loader_generator(cfg.seed))
-    opt = sgd(trainable.parameters(), cfg.lr)
+    opt = sgd(trainable.parameters(), lr)
     trainable, opt, loader = accelerator.prepare(trainable, opt, loader)
     backbone = model.pih2t.to(accelerator.device)
     backbone.requires_grad_(False)
@@ -519,13 +521,13 @@ def _stage2(accelerator, cfg, spec, model, head, feats, counts, data, images, fu
 
         step = step_online
     hooks = [loss_fn] if hasattr(loss_fn, "set_epoch") else []
-    state = train_loop(accelerator, trainable=trainable, optimizer=opt, loader=loader, step=step, epochs=cfg.epochs,
-                       lr_at_epoch=cosine_per_epoch(cfg.lr, cfg.epochs), evaluate=evaluate,
+    state = train_loop(accelerator, trainable=trainable, optimizer=opt, loader=loader, step=step, epochs=epochs,
+                       lr_at_epoch=cosine_per_epoch(lr, epochs), evaluate=evaluate,
                        checkpoint_dir=out / "checkpoints" / "stage2", checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, set_epoch_hooks=hooks,
                        batch_size_of=_batch_len, desc=f"stage 2 ({spec.name})", stop_after_steps=stop_after_steps,
                        extra_state=extra)
-    if stop_after_steps is not None and state.global_step >= stop_after_steps and state.epoch < cfg.epochs:
+    if stop_after_steps is not None and state.global_step >= stop_after_steps and state.epoch < epochs:
         return None, None
     unwrapped = accelerator.unwrap_model(trainable)
     load_best(unwrapped, state)
