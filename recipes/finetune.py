@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="recipe YAML (a path, or a name in recipes/configs/)")
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "loss_kwargs":
-            parser.add_argument(flag, type=str, default=_UNSET, help="YAML mapping of extra loss / DLSA arguments")
+        if f.name in ("loss_kwargs", "method_kwargs"):
+            parser.add_argument(flag, type=str, default=_UNSET, help="YAML mapping of extra arguments (loss or method hyper-parameters)")
             continue
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
         if "bool" in kind:
@@ -71,7 +71,7 @@ def resolve_config(argv: list[str] | None = None) -> RunConfig:
         value = getattr(args, f.name)
         if value is _UNSET:
             continue
-        if f.name == "loss_kwargs":
+        if f.name in ("loss_kwargs", "method_kwargs"):
             value = yaml.safe_load(value) or {}
         data[f.name] = value
     return RunConfig.from_dict(data).validate()

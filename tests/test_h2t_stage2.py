@@ -38,7 +38,7 @@ def test_cached_loss_and_head_gradients_equal_online(backbone, head_type):
         return loss.detach(), [p.grad.clone() for p in model.classifier.parameters()]
 
     # online: eval-mode backbone (no shift-BN), fusion on the un-pooled map / tokens
-    online = online_fused_features(bb, xf, xg, y, fuse, "h2t", shift_bn=False)
+    online = online_fused_features(bb, xf, xg, y, fuse, "map", shift_bn=False)
     # cached: pooled features extracted once, fused after pooling
     with torch.no_grad():
         bb.eval()
@@ -64,7 +64,7 @@ def test_only_the_head_learns_and_bn_stats_move_only_with_shift_bn(shift_bn):
     fuse = lambda f, h, y, cd: h2t_fuse(f, h, 0.25, channel_dim=cd, generator=g)[0]  # noqa: E731
     y = torch.tensor([0, 1, 2, 0])
     for step in range(3):
-        pooled = online_fused_features(bb, _images(model, 4, step), _images(model, 4, 10 + step), y, fuse, "h2t",
+        pooled = online_fused_features(bb, _images(model, 4, step), _images(model, 4, 10 + step), y, fuse, "map",
                                        shift_bn=shift_bn)
         assert not pooled.requires_grad  # no graph into the backbone
         loss = F.cross_entropy(model.classifier(pooled), y)
@@ -91,7 +91,7 @@ def test_labels_are_the_fused_branch_labels():
     y = torch.tensor([2, 1, 0, 2])
     y_before = y.clone()
     online_fused_features(model.pih2t, xf, xg, y, lambda f, g, yy, cd: h2t_fuse(f, g, 0.5, channel_dim=cd)[0],
-                          "h2t", shift_bn=False)
+                          "map", shift_bn=False)
     assert torch.equal(y, y_before)
 
 

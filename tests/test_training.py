@@ -3,7 +3,7 @@
 * ``checkpoint.py`` is tested on hand-made folders (sizes and SHA-256 recomputed here with hashlib);
 * ``train_loop`` on a toy linear model whose steps draw from the global RNG (dropout) and from a checkpointed
   generator, so a resume that forgot either state would not be bitwise equal;
-* whole runs: ``run(cfg, stop_after_steps=N)`` in stage 1, a ``SIGKILL`` of the CLI in stage 2 (online, with
+* whole runs: ``run(cfg, callbacks=[StopAfterSteps(N)])`` in stage 1, a ``SIGKILL`` of the CLI in stage 2 (online, with
   augmentation and shift-BN), and a 2-process gloo run launched with ``torchrun`` compared to 1 process.
 """
 
@@ -48,6 +48,7 @@ from pih2t_hub.training.checkpoint import (
 from pih2t_hub.training.loop import (
     GeneratorState,
     SeededFetch,
+    StopAfterSteps,
     cosine_per_epoch,
     load_best,
     train_loop,
@@ -239,7 +240,8 @@ def toy_run(ckpt: Path | None, *, epochs: int = 3, checkpoint_every: int = 3, re
 
     state = train_loop(accelerator, trainable=model, optimizer=opt, loader=loader, step=step, epochs=epochs,
                        lr_at_epoch=cosine_per_epoch(0.1, epochs), evaluate=evaluate, checkpoint_dir=ckpt,
-                       checkpoint_every=checkpoint_every, keep_last=2, resume=resume, stop_after_steps=stop,
+                       checkpoint_every=checkpoint_every, keep_last=2, resume=resume,
+                       callbacks=[StopAfterSteps(stop)] if stop is not None else [],
                        extra_state={"noise": GeneratorState(noise)})
     unwrapped = accelerator.unwrap_model(model)
     last = {k: v.clone() for k, v in unwrapped.state_dict().items()}
@@ -378,7 +380,7 @@ def _run_config(out: Path, **overrides):
     from pih2t_hub.training.config import RunConfig
 
     base = dict(backbone="test_resnet", pretrained=False, dataset="digits", image_size=32, max_per_class=60,
-                imbalance_ratio=10, test_per_class=20, batch_size=32, output_dir=str(out))
+                imbalance_ratio=10, test_per_class=20, batch_size=32, stage2_batch_size=32, output_dir=str(out))
     return RunConfig(**{**base, **overrides})
 
 
@@ -393,7 +395,7 @@ def _same_json(a, b) -> None:
 
 @pytest.mark.parametrize("case", ["stage1_finetune_mixup", "stage2_online_after_linear"])
 def test_run_resumes_mid_epoch_bitwise(tmp_path: Path, case: str) -> None:
-    """``run(cfg, stop_after_steps=N)`` then ``resume=True`` against an uninterrupted run, both in this process.
+    """``run(cfg, callbacks=[StopAfterSteps(N)])`` then ``resume=True`` against an uninterrupted run, both in this process.
 
     ``stage1_finetune_mixup``: end to end with augmentation, BN and mixup, stopped after 3 steps (checkpoint 2).
     ``stage2_online_after_linear``: stage 1 is a linear probe (7 steps), stage 2 online stops at its step 11
@@ -403,15 +405,15 @@ def test_run_resumes_mid_epoch_bitwise(tmp_path: Path, case: str) -> None:
     from pih2t_hub.training.run import run
 
     if case == "stage1_finetune_mixup":
-        settings = dict(method="h2t", stage1_mode="finetune", stage2_mode="cached", stage1_epochs=2, epochs=1,
+        settings = dict(method="h2t", stage1_mode="finetune", stage2_mode="cached", stage1_epochs=2, stage2_epochs=1,
                         mixup_alpha=0.4, checkpoint_every=2)
         stop, folder, expected = 3, "stage1", ["checkpoint-2"]
     else:
-        settings = dict(method="h2t", stage1_mode="linear", stage2_mode="online", stage1_epochs=1, epochs=2,
+        settings = dict(method="h2t", stage1_mode="linear", stage2_mode="online", stage1_epochs=1, stage2_epochs=2,
                         checkpoint_every=2)
         stop, folder, expected = 11, "stage2", ["checkpoint-8", "checkpoint-10"]
     ref = run(_run_config(tmp_path / "ref", **settings))
-    partial = run(_run_config(tmp_path / "cut", **settings), stop_after_steps=stop)
+    partial = run(_run_config(tmp_path / "cut", **settings), callbacks=[StopAfterSteps(stop)])
     assert "test" not in partial  # the whole run stopped
     assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints" / folder)] == expected
     if folder == "stage1":
@@ -452,7 +454,7 @@ def _load_recipe():
 
 def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     argv = TINY + ["--method", "h2t", "--stage1-mode", "finetune", "--stage2-mode", "online", "--stage1-epochs", "1",
-                   "--stage2-epochs", "2", "--batch-size", "32", "--checkpoint-every", "2"]
+                   "--stage2-epochs", "2", "--batch-size", "32", "--stage2-batch-size", "32", "--checkpoint-every", "2"]
     # stage 2: 7 steps per epoch; checkpoints 2, 4, 6, 7 (epoch end), 8, 10, 12 -> blocked at 12, newest sealed 10
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     assert _load_recipe().main(argv + ["--output-dir", str(ref_out)]) == 0

@@ -6,6 +6,8 @@ project does not), so every class with at least two training images keeps at lea
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -48,4 +50,52 @@ def balanced_holdout(labels: np.ndarray, per_class: int, seed: int = 0) -> tuple
     return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
 
 
-__all__ = ["stratified_split", "balanced_holdout"]
+def load_splits(cfg: Any) -> dict[str, Any]:
+    """Train (long-tailed), validation (carved from it, stratified) and a balanced test split of ``cfg.dataset``.
+
+    ``cfg`` is a :class:`~pih2t_hub.training.config.RunConfig` (any object with its data fields). The test split
+    is the dataset's own when it has one, else a balanced one held out *before* the training set is made
+    long-tailed, so test images never appear in train or validation.
+    """
+    from .longtail import make_long_tailed, resolve_label_column
+    from .sources import load_dataset_any
+
+    train_pool = load_dataset_any(cfg.dataset, split="train")
+    label_col = resolve_label_column(train_pool, cfg.label_column)
+    try:
+        test = load_dataset_any(cfg.dataset, split="test")
+    except (ValueError, KeyError, FileNotFoundError):
+        test = None  # no test split: hold out a balanced one before making the training set long-tailed
+    if test is None:
+        labels = np.asarray(train_pool[label_col])
+        rest, test_idx = balanced_holdout(labels, cfg.test_per_class, seed=cfg.seed)
+        test = train_pool.select(test_idx)
+        train_pool = train_pool.select(rest)
+    if cfg.imbalance_ratio is None:
+        # the train split is already long-tailed (ImageNet-LT, Places-LT, iNat-2018): use it whole
+        lt_ds = _encode_labels(train_pool, label_col)
+    else:
+        lt = make_long_tailed(train_pool, cfg.imbalance_ratio, profile=cfg.profile, max_per_class=cfg.max_per_class,
+                              label_column=cfg.label_column, seed=cfg.seed)
+        lt_ds, label_col = lt.dataset, lt.label_column
+    lt_labels = np.asarray(lt_ds[label_col])
+    num_classes = int(lt_labels.max()) + 1
+    feature = lt_ds.features[label_col]
+    num_classes = max(num_classes, getattr(feature, "num_classes", 0) or 0)
+    keep, val_idx = stratified_split(lt_labels, cfg.val_fraction, seed=cfg.seed)
+    train, val = lt_ds.select(keep), lt_ds.select(val_idx)
+    counts = np.bincount(lt_labels[keep], minlength=num_classes)
+    names = getattr(train.features[label_col], "names", None) or [str(i) for i in range(num_classes)]
+    return {"train": train, "val": val, "test": test, "label_column": label_col, "class_counts": counts,
+            "id2label": dict(enumerate(names)), "num_classes": num_classes,
+            "lt_counts": np.bincount(lt_labels, minlength=num_classes).tolist()}
+
+
+def _encode_labels(ds: Any, column: str) -> Any:
+    """String labels become a ``ClassLabel`` column (as ``make_long_tailed`` does)."""
+    from datasets import ClassLabel
+
+    return ds if isinstance(ds.features[column], ClassLabel) else ds.class_encode_column(column)
+
+
+__all__ = ["stratified_split", "balanced_holdout", "load_splits"]

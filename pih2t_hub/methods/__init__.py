@@ -1,0 +1,28 @@
+"""Long-tailed methods as plug-ins: one module per method, each registering itself with ``@register_method``.
+
+``get_method(name)`` returns the method's class; ``list_methods()`` the registered names. A method of your own is a
+subclass of :class:`Method` in any module you import before the run (docs/methods.md shows a worked example).
+"""
+
+from __future__ import annotations
+
+from . import (  # noqa: F401  (importing a method module registers it)
+    balanced_softmax,
+    cb,
+    ce,
+    crt,
+    focal,
+    h2t,
+    h2t_bsm,
+    harmonized,
+    ldam_drw,
+    logit_adjusted,
+    lws,
+    ncm,
+    pi_h2t,
+    tau_norm,
+)
+from .base import Method, Recipe, Stage2Context, get_method, list_methods, register_method
+from .dlsa import method as _dlsa_method  # noqa: F401
+
+__all__ = ["Method", "Recipe", "Stage2Context", "get_method", "list_methods", "register_method"]

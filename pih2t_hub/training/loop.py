@@ -117,6 +117,40 @@ class LoopState:
     best_epoch: int = -1
     last_loss: float = math.nan  # loss of the latest step; kept so a resume at an epoch's end can record it
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False  # a callback stopped training before the last epoch ended
+
+
+class LoopCallback:
+    """Extension point of :func:`train_loop` (the role of transformers' ``TrainerCallback``): subclass and override
+    what you need. ``on_step_end`` returning ``True`` stops training there, as an interruption would."""
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        """Called before the first batch of every epoch (also a resumed one)."""
+
+    def on_step_end(self, state: "LoopState") -> bool:
+        """Called after every optimiser step; return True to stop."""
+        return False
+
+
+class EpochHook(LoopCallback):
+    """Tells an object with ``set_epoch(epoch)`` (e.g. a deferred re-weighting loss) the epoch."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        self.target.set_epoch(epoch)
+
+
+class StopAfterSteps(LoopCallback):
+    """Stops training after ``steps`` optimiser steps in total: a deterministic stand-in for a crash, so a test can
+    resume from the checkpoints written until then."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = int(steps)
+
+    def on_step_end(self, state: "LoopState") -> bool:
+        return state.global_step >= self.steps
 
 
 def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -159,10 +193,9 @@ def train_loop(
     checkpoint_every: int = 0,
     keep_last: int = 2,
     resume: bool | str = False,
-    set_epoch_hooks: Iterable[Any] = (),
+    callbacks: Iterable[LoopCallback] = (),
     batch_size_of: Callable[[Any], int] | None = None,
     desc: str = "train",
-    stop_after_steps: int | None = None,
     extra_state: Mapping[str, Any] | None = None,
 ) -> LoopState:
     """Train ``trainable`` for ``epochs`` epochs; return the final :class:`LoopState`.
@@ -170,7 +203,8 @@ def train_loop(
     ``trainable``, ``optimizer`` and ``loader`` must already be ``accelerator.prepare``-d. ``step(batch)``
     returns the scalar loss of a batch. ``evaluate(epoch)`` returns validation metrics; the epoch with the best
     ``select_metric`` is kept in memory (and in checkpoints) and restored by :func:`load_best`.
-    ``stop_after_steps`` simulates an interruption (tests). ``extra_state`` maps names to objects with
+    ``callbacks`` (:class:`LoopCallback`) are told each epoch's start and each step's end and may stop training
+    (``state.stopped`` is then True). ``extra_state`` maps names to objects with
     ``state_dict``/``load_state_dict`` (tensors only: generators via :class:`GeneratorState`, modules whose
     buffers change outside the optimiser) saved per rank into every checkpoint and restored on resume.
     """
@@ -186,7 +220,7 @@ def train_loop(
             raw = verify_checkpoint(folder)  # raises on a corrupt explicit checkpoint
             accelerator.load_state(str(folder))
             _load_extra_state(folder, extra, accelerator.process_index)
-            state = LoopState(**raw)
+            state = LoopState(**{k: v for k, v in raw.items() if k != "stopped"})
             if (folder / BEST_WEIGHTS).is_file():
                 best_weights = load_file(str(folder / BEST_WEIGHTS))
             accelerator.print(f"resumed from {folder} (epoch {state.epoch}, step {state.step_in_epoch})")
@@ -208,15 +242,15 @@ def train_loop(
             seal_checkpoint(ckpt_root, step_no, asdict(state), keep_last=keep_last)
         accelerator.wait_for_everyone()
 
-    hooks = list(set_epoch_hooks)
+    callbacks = list(callbacks)
     try:
         while state.epoch < epochs:
             epoch = state.epoch
             lr = lr_at_epoch(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for hook in hooks:
-                hook.set_epoch(epoch)
+            for callback in callbacks:
+                callback.on_epoch_begin(epoch)
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             epoch_loader = loader
@@ -246,8 +280,9 @@ def train_loop(
                                    if batch_size_of else {}))
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and accelerator.sync_gradients:
                     checkpoint()
-                if stop_after_steps is not None and state.global_step >= stop_after_steps:
+                if any([cb.on_step_end(state) for cb in callbacks]):
                     bar.close()
+                    state.stopped = True
                     return state
             bar.close()
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": state.last_loss}
@@ -280,5 +315,5 @@ def load_best(trainable: nn.Module, state: LoopState) -> bool:
     return True
 
 
-__all__ = ["train_loop", "load_best", "LoopState", "GeneratorState", "SeededFetch", "cosine_per_epoch",
-           "warmup_multistep"]
+__all__ = ["train_loop", "load_best", "LoopState", "LoopCallback", "EpochHook", "StopAfterSteps", "GeneratorState",
+           "SeededFetch", "cosine_per_epoch", "warmup_multistep"]

@@ -20,14 +20,15 @@ def online_fused_features(
     fusing_images: torch.Tensor | None,
     labels: torch.Tensor,
     fuse: Fuse | None,
-    fusion: str | None,
+    fusion_site: str | None,
     shift_bn: bool,
 ) -> torch.Tensor:
     """The faithful recipe: forward the two branches *separately* through the frozen backbone, fuse, pool.
 
     ``shift_bn=True`` runs the backbone in train mode without gradients: each branch is normalised with its own
-    batch statistics and BN running statistics are re-estimated (MiSLAS's shift learning on BN). H2T (``"h2t"``)
-    fuses the un-pooled map; H2TF (``"h2tf"``) interpolates pooled vectors, as in the official fragment.
+    batch statistics and BN running statistics are re-estimated (MiSLAS's shift learning on BN). ``fusion_site``
+    is the method's: ``"map"`` fuses the un-pooled features (H2T), ``"pooled"`` the pooled vectors (H2TF, as in the
+    published fragment).
     """
     backbone.train(shift_bn)
     with torch.no_grad():
@@ -35,7 +36,7 @@ def online_fused_features(
         if fuse is None or fusing_images is None:
             return backbone.pool(ff)
         fg = backbone.forward_features(fusing_images)
-        if fusion == "h2t":
+        if fusion_site == "map":
             return backbone.pool(fuse(ff, fg, labels, backbone.channel_dim(ff)))
         return fuse(backbone.pool(ff), backbone.pool(fg), labels, -1)
 

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 BACKBONE_SOURCES = ("timm", "hf")
-HEAD_TYPES = ("linear", "cosine")
+HEAD_TYPES = ("linear", "cosine", "ncm")
 HF_POOLING = ("cls", "mean")
 PIF_MODES = ("replace", "residual")
 PIF_STATS = ("mean", "max")

@@ -1,4 +1,4 @@
-"""Classifier heads on pooled features: linear and cosine.
+"""Classifier heads on pooled features: linear, cosine and nearest class mean.
 
 Both act on ``(B, D)`` pooled vectors only, which is what lets stage 2 run on cached features: H2T's channel
 replacement commutes with channel-wise pooling, so a head fed fused pooled vectors computes exactly what it would
@@ -39,13 +39,53 @@ class CosineHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
 
 
+class NCMHead(nn.Module):
+    """Nearest class mean: ``logits_c = -‖x̂ - μ_c‖²`` with ``x̂ = normalize(x - m)``.
+
+    ``m`` is the mean of the training features and ``μ_c`` the class centroids of the centred, L2-normalised
+    training features (the official decoupling code's ``cl2n`` NCM). Centroids and centre are buffers, so the
+    saved model carries them; minus the squared distance keeps the official argmax and gives softmax-ready logits.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.zeros(in_features))
+        self.register_buffer("centroids", torch.zeros(num_classes, in_features))
+        self.in_features, self.out_features = in_features, num_classes
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "NCMHead":
+        """Centre and centroids from training features; every class needs at least one sample."""
+        labels = labels.long()
+        counts = torch.bincount(labels, minlength=num_classes)
+        if bool((counts == 0).any()):
+            missing = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"NCM needs at least one training sample per class; classes {missing[:10]} have none")
+        head = cls(features.shape[1], num_classes)
+        head.center.copy_(features.mean(0))
+        x = F.normalize(features - head.center, dim=1)
+        sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+        head.centroids.copy_(sums / counts[:, None].to(x.dtype))
+        return head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(features.float() - self.center, dim=-1)
+        return -torch.cdist(x, self.centroids).pow(2)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 def build_head(head_type: str, in_features: int, num_classes: int, bias: bool = True, scale: float = 16.0) -> nn.Module:
-    """Head by name (``"linear"`` or ``"cosine"``)."""
+    """Head by name (``"linear"``, ``"cosine"`` or ``"ncm"``)."""
     if head_type == "linear":
         return LinearHead(in_features, num_classes, bias=bias)
     if head_type == "cosine":
         return CosineHead(in_features, num_classes, scale=scale)
-    raise ValueError(f"unknown head type {head_type!r}; choose 'linear' or 'cosine'")
+    if head_type == "ncm":
+        return NCMHead(in_features, num_classes)
+    raise ValueError(f"unknown head type {head_type!r}; choose 'linear', 'cosine' or 'ncm'")
 
 
-__all__ = ["LinearHead", "CosineHead", "build_head"]
+__all__ = ["LinearHead", "CosineHead", "NCMHead", "build_head"]

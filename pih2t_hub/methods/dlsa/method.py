@@ -1,0 +1,30 @@
+"""DLSA as a method plug-in: fitted on cached train features after stage 1, exported as one head module."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..base import Method, Stage2Context, register_method
+from .pipeline import DLSAConfig, fit_dlsa
+
+
+@register_method("dlsa")
+class DLSA(Method):
+    paper = "Xu et al., Constructing Balance from Imbalance for Long-tailed Image Recognition, ECCV 2022"
+    summary = ("flow-based likelihood filtering splits off well-clustered samples for cluster-aided classifiers; "
+               "the rest go to a regular classifier (on cached features)")
+    needs_features = True
+
+    def finalize(self, trained: nn.Module, ctx: Stage2Context) -> nn.Module:
+        (xtr, ytr), (xva, yva) = ctx.train_features, ctx.val_features
+        config = DLSAConfig(**self.cfg.method_kwargs) if self.cfg.method_kwargs else DLSAConfig()
+        bias = getattr(trained, "bias", None)
+        fitted = fit_dlsa(xtr.float(), ytr, xva.float(), yva, config, seed=self.cfg.seed,
+                          stage1_weight=trained.weight.detach(), stage1_bias=None if bias is None else bias.detach())
+        return fitted.to_head()
+
+    def export(self, model: nn.Module, head: nn.Module, ctx: Stage2Context) -> nn.Module:
+        model = super().export(model, head, ctx)
+        model.config.head_type = "dlsa"
+        model.config.head_config = head.head_config()
+        return model
