@@ -16,8 +16,9 @@ def needs_features(ctx: RunContext) -> bool:
     return ctx.cfg.stage2_mode == "cached" or not ctx.finetune or ctx.method.needs_features
 
 
-def extract_features(ctx: RunContext) -> dict[str, TensorDataset]:
-    """Extract (or reuse) train / val / test features; the manifest keys on everything that changes the bytes."""
+def extract_features(ctx: RunContext, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, TensorDataset]:
+    """Extract (or reuse) the splits' features into ``ctx.features``; the manifest keys on everything that changes
+    the bytes. The comparison extracts ``test`` only at its final evaluation, so tuning never reads it."""
     cfg, acc = ctx.cfg, ctx.accelerator
     ctx.model.eval()
     backbone = ctx.model.pih2t
@@ -27,8 +28,8 @@ def extract_features(ctx: RunContext) -> dict[str, TensorDataset]:
 
     weights_id = weights_fingerprint(backbone)
     root = Path(cfg.cache_dir) if cfg.cache_dir else ctx.out / "features"
-    feats: dict[str, TensorDataset] = {}
-    for split in ("train", "val", "test"):
+    feats = ctx.features
+    for split in splits:
         manifest = {"backbone": ctx.model.config.backbone, "weights": weights_id, "transform": repr(ctx.eval_tf),
                     "split": split, "seed": cfg.seed, "ir": cfg.imbalance_ratio,
                     # the split's exact rows (select() fingerprints are deterministic): a shared cache_dir must
@@ -37,9 +38,8 @@ def extract_features(ctx: RunContext) -> dict[str, TensorDataset]:
         with acc.main_process_first():
             cache = load_or_extract(encode, ctx.images(split, False), root / split, manifest,
                                     batch_size=cfg.batch_size, dtype=cfg.feature_dtype,
-                                    progress=acc.is_local_main_process)
+                                    progress=ctx.progress and acc.is_local_main_process)
         feats[split] = cache.as_tensor_dataset()
-    ctx.features = feats
     return feats
 
 

@@ -36,6 +36,11 @@ class RunContext:
     callbacks: list[LoopCallback] = field(default_factory=list)
     features: dict[str, TensorDataset] = field(default_factory=dict)
     fusion_generator: torch.Generator = field(default_factory=torch.Generator)
+    checkpoints: bool = True  # False: no checkpoints (short in-process trials of the comparison)
+    progress: bool = True  # per-epoch progress bars
+
+    def checkpoint_dir(self, stage: str) -> Path | None:
+        return self.out / "checkpoints" / stage if self.checkpoints else None
 
     @property
     def counts(self) -> np.ndarray:

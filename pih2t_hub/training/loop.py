@@ -197,6 +197,7 @@ def train_loop(
     batch_size_of: Callable[[Any], int] | None = None,
     desc: str = "train",
     extra_state: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> LoopState:
     """Train ``trainable`` for ``epochs`` epochs; return the final :class:`LoopState`.
 
@@ -260,7 +261,7 @@ def train_loop(
                     epoch_loader.set_epoch(epoch)
             trainable.train()
             bar = tqdm(total=len(loader), initial=state.step_in_epoch, desc=f"{desc} {epoch + 1}/{epochs}",
-                       disable=not accelerator.is_local_main_process, leave=False)
+                       disable=not (progress and accelerator.is_local_main_process), leave=False)
             t0, seen = time.perf_counter(), 0
             for batch in epoch_loader:
                 with accelerator.accumulate(trainable):

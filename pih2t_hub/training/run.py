@@ -104,15 +104,21 @@ def _setup(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback
     # Seed the global RNGs (model init, augmentation) only now: loading a dataset may import modules lazily, and
     # some draw from the global RNG at import (sklearn -> rich), which made the first run in a process differ.
     set_seed(cfg.seed)
-    method = method_cls(cfg)
-    model = _build_model(cfg, data, method_cls)
+    return make_context(cfg, accelerator, data, method_cls(cfg), callbacks)
+
+
+def make_context(cfg: RunConfig, accelerator: Any, data: dict[str, Any], method: Any,
+                 callbacks: list[LoopCallback] | None = None) -> RunContext:
+    """The model for ``data`` (created, or loaded with ``init_from``) with its input size, transforms and
+    generators: what every stage of a run works on."""
+    model = _build_model(cfg, data, type(method))
     dc = dict(model.config.backbone_data_config)
     if cfg.image_size:
         dc["input_size"] = [3, cfg.image_size, cfg.image_size]
         model.config.backbone_data_config = dc
     return RunContext(accelerator=accelerator, cfg=cfg, method=method, data=data, model=model,
                       train_tf=build_transform(dc, train=True), eval_tf=build_transform(dc, train=False),
-                      callbacks=callbacks, fusion_generator=torch.Generator().manual_seed(cfg.seed + 1))
+                      callbacks=list(callbacks or []), fusion_generator=torch.Generator().manual_seed(cfg.seed + 1))
 
 
 def _build_model(cfg: RunConfig, data: dict[str, Any], method_cls: Any) -> nn.Module:
@@ -145,4 +151,4 @@ def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method:
     return model
 
 
-__all__ = ["run", "load_splits"]
+__all__ = ["run", "load_splits", "make_context"]

@@ -45,9 +45,9 @@ def finetune_stage1(ctx: RunContext) -> LoopState:
 
     state = train_loop(acc, trainable=model, optimizer=opt, loader=loader, step=step, epochs=cfg.stage1_epochs,
                        lr_at_epoch=cosine_per_epoch(cfg.stage1_lr, cfg.stage1_epochs), evaluate=evaluate,
-                       checkpoint_dir=ctx.out / "checkpoints" / "stage1", checkpoint_every=cfg.checkpoint_every,
+                       checkpoint_dir=ctx.checkpoint_dir("stage1"), checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, batch_size_of=lambda b: len(b["labels"]),
-                       desc="stage 1", callbacks=ctx.callbacks, extra_state=ctx.extra_state)
+                       desc="stage 1", callbacks=ctx.callbacks, extra_state=ctx.extra_state, progress=ctx.progress)
     if not state.stopped:
         load_best(acc.unwrap_model(model), state)
     ctx.model = acc.unwrap_model(model)
@@ -67,10 +67,10 @@ def linear_stage1(ctx: RunContext) -> LoopState:
     state = train_loop(
         acc, trainable=head_p, optimizer=opt, loader=loader, step=lambda b: loss_fn(head_p(b[0].float()), b[1]),
         epochs=cfg.stage1_epochs, lr_at_epoch=cosine_per_epoch(cfg.stage1_lr, cfg.stage1_epochs),
-        evaluate=lambda e: summarize(ctx.eval_head(head_p, "val")), checkpoint_dir=ctx.out / "checkpoints" / "stage1",
+        evaluate=lambda e: summarize(ctx.eval_head(head_p, "val")), checkpoint_dir=ctx.checkpoint_dir("stage1"),
         checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, resume=cfg.resume,
         batch_size_of=lambda b: len(b[1]), desc="stage 1 (linear)", callbacks=ctx.callbacks,
-        extra_state=ctx.extra_state)
+        extra_state=ctx.extra_state, progress=ctx.progress)
     if not state.stopped:
         load_best(head, state)
     return state

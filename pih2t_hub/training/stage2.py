@@ -92,9 +92,9 @@ def _train(ctx: RunContext, trainable: nn.Module, loss_fn: nn.Module, fuse: Call
     callbacks = [*ctx.callbacks, *([EpochHook(loss_fn)] if hasattr(loss_fn, "set_epoch") else [])]
     state = train_loop(acc, trainable=trainable, optimizer=opt, loader=loader, step=step,
                        epochs=int(cfg.stage2_epochs), lr_at_epoch=method.lr_at_epoch(), evaluate=evaluate,
-                       checkpoint_dir=ctx.out / "checkpoints" / "stage2", checkpoint_every=cfg.checkpoint_every,
+                       checkpoint_dir=ctx.checkpoint_dir("stage2"), checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, callbacks=callbacks, batch_size_of=_batch_len,
-                       desc=f"stage 2 ({method.name})", extra_state=extra)
+                       desc=f"stage 2 ({method.name})", extra_state=extra, progress=ctx.progress)
     unwrapped = acc.unwrap_model(trainable)
     if not state.stopped:
         load_best(unwrapped, state)

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Which long-tailed method on my data, with my backbone? ``python recipes/compare.py --dataset digits``.
+
+Equal tuning budget per method on the validation split (Optuna), the best configuration retrained for several
+seeds, the test split read once per method and seed. See ``python recipes/compare.py --help`` and the README.
+"""
+
+import sys
+
+from pih2t_hub.compare import main
+
+if __name__ == "__main__":
+    sys.exit(main())
