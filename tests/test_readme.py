@@ -47,3 +47,13 @@ def test_readme_default_run_command_works_offline(tmp_path):
     for rel in ("run_config.yaml", "results.json", "model/model.safetensors", "model/README.md",
                 "model/accuracy_vs_frequency.png"):
         assert (out / rel).is_file(), rel
+
+
+def test_readme_results_tables_are_generated_from_the_committed_json():
+    """The accuracy tables are rendered from benchmarks/results/compare_*.json, never typed in."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run `python benchmarks/render_results.py` after a benchmark"
