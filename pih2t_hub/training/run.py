@@ -69,7 +69,8 @@ def run(cfg: RunConfig, accelerator: Any | None = None, callbacks: Iterable[Loop
 
     # ---------------- the test split, once, on the model that is saved
     final = _evaluate_saved_model(ctx)
-    results["test"] = rows[ctx.method.name] = summarize(final)
+    label = ctx.method.name if cfg.stage in ("2", "both") else "stage 1 (ce)"  # no stage 2: not the method's row
+    results["test"] = rows[label] = summarize(final)
     results["per_class"] = [float(a) for a in final["per_class"]]
     results["table"] = rows
     if ctx.accelerator.is_main_process:
