@@ -77,29 +77,36 @@ import json, sys, timm, torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, pipeline
-folder, inputs, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+inputs, n_folders = sys.argv[1], int(sys.argv[2])
+folders, paths = sys.argv[3:3 + n_folders], sys.argv[3 + n_folders:]
 x = load_file(inputs)["x"]
-tm = timm.create_model("local-dir:" + folder, pretrained=True).eval()
-hf = AutoModelForImageClassification.from_pretrained(folder).eval()
-with torch.no_grad():
-    timm_logits = tm(x).double().tolist()
-    hf_logits = hf(pixel_values=x).logits.double().tolist()
-clf = pipeline("image-classification", model=folder)
-print("RESULT" + json.dumps({
-    "timm": timm_logits, "hf": hf_logits, "hf_class": type(hf).__name__,
-    "timm_labels": tm.pretrained_cfg["label_names"],
-    "pipeline": [clf(Image.open(p).convert("RGB"), top_k=1)[0]["label"] for p in paths],
-}))
+images = [Image.open(p).convert("RGB") for p in paths]
+out = []
+for folder in folders:
+    tm = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+    hf = AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        timm_logits = tm(x).double().tolist()
+        hf_logits = hf(pixel_values=x).logits.double().tolist()
+    clf = pipeline("image-classification", model=folder)
+    out.append({
+        "timm": timm_logits, "hf": hf_logits, "hf_class": type(hf).__name__,
+        "timm_labels": tm.pretrained_cfg["label_names"],
+        "pipeline": [clf(im, top_k=1)[0]["label"] for im in images],
+    })
+print("RESULT" + json.dumps(out))
 """
 
 
-def _load_without_pih2t(folder: Path, x: torch.Tensor, images: list[Path], tmp_path: Path) -> dict:
+def _load_without_pih2t(folders: list[Path], x: torch.Tensor, images: list[Path], tmp_path: Path) -> list[dict]:
+    """Load each folder in one fresh interpreter where ``import pih2t_hub`` fails."""
     save_file({"x": x.contiguous()}, str(tmp_path / "x.safetensors"))
     script = tmp_path / "client.py"
     script.write_text(BLOCK_PIH2T + CLIENT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "x.safetensors"),
-                           *map(str, images)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    args = [str(tmp_path / "x.safetensors"), str(len(folders)), *map(str, folders), *map(str, images)]
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
@@ -137,8 +144,9 @@ def test_h2t_and_logit_adjusted_exports_load_without_pih2t(tmp_path):
         0o777 & ~_umask(), 0o666 & ~_umask())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp sibling left behind
 
-    _assert_same(_load_without_pih2t(h2t_dir, x, images, tmp_path), logits, labels)
-    _assert_same(_load_without_pih2t(la_dir, x, images, tmp_path), la_logits, la_labels)
+    res_h2t, res_la = _load_without_pih2t([h2t_dir, la_dir], x, images, tmp_path)
+    _assert_same(res_h2t, logits, labels)
+    _assert_same(res_la, la_logits, la_labels)
 
 
 def _umask() -> int:
@@ -207,3 +215,51 @@ def test_unfolded_lws_head_is_refused(tmp_path):
     model.classifier = fold_lws(lws)
     torch.testing.assert_close(model.classifier(feats), (feats @ lws.linear.weight.T + lws.linear.bias) * lws.scales)
     export_timm(model, tmp_path / "out")
+
+
+class _RecordingApi:
+    """HfApi stand-in: records the calls and what would be uploaded."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.files: dict[str, bytes] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append("create_repo")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append("upload_folder")
+        self.files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        return "ok"
+
+
+RUN_CONFIG = {"backbone": "test_resnet", "dataset": "mnist", "method": "h2t", "pretrained": False,
+              "output_dir": "outputs/demo", "imbalance_ratio": 100}
+RESULTS = {"overall": 0.5, "balanced": 0.45, "many": 0.8, "medium": 0.4, "few": 0.15}
+
+
+def test_push_in_timm_format(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from pih2t_hub.hub import push_to_hub
+
+    model = create_model("test_resnet", num_labels=2)
+    api = _RecordingApi()
+    push_to_hub(model, "me/h2t-timm", config=RUN_CONFIG, results=RESULTS, plot=None, api=api, hub_format="timm")
+    assert api.calls == ["create_repo", "upload_folder"]
+    assert sorted(api.files) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads(api.files["config.json"])["architecture"] == "test_resnet"
+    card = ModelCard(api.files["README.md"].decode())
+    assert card.data.library_name == "timm"
+    assert 'timm.create_model("hf-hub:me/h2t-timm"' in card.text
+    assert "trust_remote_code=True" not in card.text
+
+    # a pih2t-format folder is not a timm repo; an HF backbone cannot become one: refused before any request
+    model.save_pretrained(tmp_path / "pih2t")
+    for source, match in ((tmp_path / "pih2t", "not a timm config"), (_hf_vit_model(), "needs a timm backbone")):
+        api = _RecordingApi()
+        with pytest.raises(ValueError, match=match):
+            push_to_hub(source, "me/x", config=RUN_CONFIG, results=RESULTS, api=api, hub_format="timm")
+        assert api.calls == []
+    with pytest.raises(ValueError, match="hub_format"):
+        push_to_hub(model, "me/x", config=RUN_CONFIG, results=RESULTS, api=_RecordingApi(), hub_format="onnx")
