@@ -263,3 +263,38 @@ def test_push_in_timm_format(tmp_path):
         assert api.calls == []
     with pytest.raises(ValueError, match="hub_format"):
         push_to_hub(model, "me/x", config=RUN_CONFIG, results=RESULTS, api=_RecordingApi(), hub_format="onnx")
+
+
+def test_timm_format_push_loads_over_http_without_pih2t(olah_server, tmp_path):
+    """Pushed in timm format to a Hub on loopback, the repo loads with ``hf-hub:`` and with TimmWrapper."""
+    from hub_server import LocalGitHubApi, hub_client_env, run_hub_python
+    from pih2t_hub.hub import push_to_hub
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_labels=3, id2label=LABELS).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits.double().numpy()
+    repo = "pih2t-tests/test-resnet-timm"
+    push_to_hub(model, repo, config=RUN_CONFIG, results=RESULTS, api=LocalGitHubApi(olah_server), hub_format="timm")
+    save_file({"x": x.contiguous()}, str(tmp_path / "x.safetensors"))
+    code = f"""
+import json, timm, torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
+x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
+tm = timm.create_model("hf-hub:{repo}", pretrained=True).eval()
+hf = AutoModelForImageClassification.from_pretrained({repo!r}).eval()
+with torch.no_grad():
+    out = {{"timm": tm(x).double().tolist(), "hf": hf(pixel_values=x).logits.double().tolist()}}
+out["library"] = ModelCard.load({repo!r}).data.library_name
+print("RESULT" + json.dumps(out))
+"""
+    proc = run_hub_python(code, hub_client_env(olah_server, tmp_path / "hf_home"), cwd=tmp_path, block_pih2t=True)
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    np.testing.assert_allclose(res["timm"], logits, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res["hf"], logits, rtol=0, atol=1e-5)
+    assert res["library"] == "timm"
