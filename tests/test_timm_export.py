@@ -298,3 +298,21 @@ print("RESULT" + json.dumps(out))
     np.testing.assert_allclose(res["timm"], logits, rtol=0, atol=1e-5)
     np.testing.assert_allclose(res["hf"], logits, rtol=0, atol=1e-5)
     assert res["library"] == "timm"
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])
+def test_other_timm_families_export(backbone, tmp_path):
+    """ViT (token pooling, fc_norm) and ConvNeXt (norm head) rebuild with their classifier in the right place."""
+    import timm
+
+    torch.manual_seed(0)
+    model = create_model(backbone, num_labels=4).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 0.5)
+        model.classifier.bias.normal_(0, 0.5)
+    folder = export_timm(model, tmp_path / backbone)
+    size = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"]
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(3))
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(pixel_values=x).logits, rtol=0, atol=1e-5)
