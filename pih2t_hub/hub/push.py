@@ -11,6 +11,10 @@ class was removed in huggingface_hub 1.0). The order of work is what makes the p
 3. only then is the repository created and the folder uploaded in one commit.
 
 Any problem in 1-2 raises ``ValueError`` before a single request is sent.
+
+Two repository layouts (``hub_format``): ``"pih2t"`` (default; transformers config + remote code, loads with
+``trust_remote_code`` or with pih2t_hub installed) and ``"timm"`` (a plain timm checkpoint written by
+:func:`pih2t_hub.hub.export_timm`; loads with ``timm`` or transformers' TimmWrapper, no remote code).
 """
 
 from __future__ import annotations
@@ -25,12 +29,23 @@ from typing import Any, Mapping, Sequence
 
 from huggingface_hub import ModelCard
 
-from pih2t_hub.hub.model_card import REQUIRED_METRICS, render_model_card, write_model_card
+from pih2t_hub.hub.model_card import HUB_FORMATS, REQUIRED_METRICS, render_model_card, write_model_card
+from pih2t_hub.hub.timm_export import TIMM_REQUIRED_FILES, export_timm
 
 __all__ = ["REQUIRED_FILES", "push_to_hub", "stage_model_folder", "validate_model_folder"]
 
 #: Files a pushed pih2t model repository must contain.
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+#: Files a pushed timm-format repository must contain (timm's config carries the pre-processing).
+TIMM_REPO_FILES = (*TIMM_REQUIRED_FILES, "README.md")
+#: Keys timm's ``config.json`` must have for ``timm.create_model("hf-hub:...")`` and TimmWrapper.
+TIMM_CONFIG_KEYS = ("architecture", "num_classes", "pretrained_cfg")
+
+
+def _check_format(hub_format: str) -> str:
+    if hub_format not in HUB_FORMATS:
+        raise ValueError(f"hub_format must be one of {HUB_FORMATS}, got {hub_format!r}")
+    return hub_format
 #: Default file name of the accuracy-vs-frequency plot inside the repository.
 PLOT_NAME = "accuracy_vs_frequency.png"
 
@@ -54,75 +69,97 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
     return data
 
 
-def validate_model_folder(folder: str | os.PathLike[str], *, require_metrics: Sequence[str] | None = None) -> None:
+def _check_config(folder: Path, hub_format: str, problems: list[str]) -> None:
+    """pih2t: the remote code named by ``auto_map`` is present. timm: timm's keys are there, no remote code."""
+    config = _read_json(folder / "config.json", problems) or {}
+    if hub_format == "timm":
+        absent = [k for k in TIMM_CONFIG_KEYS if k not in config]
+        if absent:
+            problems.append(f"config.json is not a timm config: it lacks {absent} (write it with export_timm)")
+        if "auto_map" in config or "model_type" in config:
+            problems.append("config.json is a transformers config; a timm-format repo needs timm's (export_timm)")
+        return
+    for cls_ref in config.get("auto_map", {}).values():
+        refs = cls_ref if isinstance(cls_ref, list) else [cls_ref]
+        for ref in refs:
+            if not ref or "--" in ref:  # None slots, or code hosted in another repo
+                continue
+            module_file = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
+            if not (folder / module_file).is_file():
+                problems.append(f"config.json auto_map names {ref!r} but {module_file} is missing")
+
+
+def _check_weights(weights: Path, problems: list[str]) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            keys = list(fh.keys())
+            for key in keys:
+                fh.get_slice(key).get_shape()
+        if not keys:
+            problems.append("model.safetensors holds no tensors")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        problems.append(f"model.safetensors does not parse ({type(err).__name__}: {err})")
+
+
+def _check_card(folder: Path, require_metrics: Sequence[str] | None, problems: list[str]) -> None:
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    if "{{" in text or "{%" in text:
+        problems.append("README.md still contains Jinja markers: the card was not rendered")
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+        results = card.data.eval_results or []
+    except Exception as err:
+        problems.append(f"README.md metadata does not parse ({type(err).__name__}: {err})")
+        results = []
+    wanted = list(require_metrics) if require_metrics is not None else [t for t, _ in REQUIRED_METRICS.values()]
+    present = {r.metric_type for r in results}
+    if not results:
+        problems.append("README.md has no model-index (no evaluation results): render it with results")
+    elif set(wanted) - present:
+        problems.append(f"README.md model-index lacks metric(s) {sorted(set(wanted) - present)}")
+    for link in _IMAGE_LINK.findall(text):
+        if "://" in link or link.startswith("data:"):
+            continue
+        if not (folder / link).is_file():
+            problems.append(f"README.md shows image {link!r}, which is not in the folder")
+
+
+def validate_model_folder(
+    folder: str | os.PathLike[str], *, require_metrics: Sequence[str] | None = None, hub_format: str = "pih2t"
+) -> None:
     """Check that ``folder`` is a complete, loadable model repository; raise ``ValueError`` listing every problem.
 
-    Checks: :data:`REQUIRED_FILES` exist; ``config.json`` and ``preprocessor_config.json`` parse; the files named
-    by ``config.json``'s ``auto_map`` (remote code for ``trust_remote_code``) are present; ``model.safetensors``
-    opens with ``safetensors.safe_open`` and holds at least one tensor; ``README.md`` is a rendered card (no Jinja
-    left) whose metadata has a ``model-index`` with the required metrics, and every local image it shows exists.
+    Checks: the required files exist (:data:`REQUIRED_FILES`, or :data:`TIMM_REPO_FILES` for ``hub_format="timm"``);
+    ``config.json`` (and ``preprocessor_config.json``) parse; pih2t: the files named by ``config.json``'s
+    ``auto_map`` (remote code for ``trust_remote_code``) are present; timm: ``config.json`` is timm's
+    (``architecture``, ``num_classes``, ``pretrained_cfg``); ``model.safetensors`` opens with
+    ``safetensors.safe_open`` and holds at least one tensor; ``README.md`` is a rendered card (no Jinja left) whose
+    metadata has a ``model-index`` with the required metrics, and every local image it shows exists.
 
     Args:
         require_metrics: model-index metric types that must be present (default: the five of
             :data:`~pih2t_hub.hub.model_card.REQUIRED_METRICS`).
+        hub_format: ``"pih2t"`` or ``"timm"`` (see the module docstring).
     """
-    from safetensors import safe_open
-
+    hub_format = _check_format(hub_format)
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"model folder {folder} does not exist or is not a directory")
     problems: list[str] = []
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    required = TIMM_REPO_FILES if hub_format == "timm" else REQUIRED_FILES
+    missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         problems.append(f"missing file(s): {', '.join(missing)}")
-
     if (folder / "config.json").is_file():
-        config = _read_json(folder / "config.json", problems)
-        for cls_ref in (config or {}).get("auto_map", {}).values():
-            refs = cls_ref if isinstance(cls_ref, list) else [cls_ref]
-            for ref in refs:
-                if not ref or "--" in ref:  # None slots, or code hosted in another repo
-                    continue
-                module_file = ref.rsplit(".", 1)[0].replace(".", "/") + ".py"
-                if not (folder / module_file).is_file():
-                    problems.append(f"config.json auto_map names {ref!r} but {module_file} is missing")
+        _check_config(folder, hub_format, problems)
     if (folder / "preprocessor_config.json").is_file():
         _read_json(folder / "preprocessor_config.json", problems)
-
-    weights = folder / "model.safetensors"
-    if weights.is_file():
-        try:
-            with safe_open(str(weights), framework="pt") as fh:
-                keys = list(fh.keys())
-                for key in keys:
-                    fh.get_slice(key).get_shape()
-            if not keys:
-                problems.append("model.safetensors holds no tensors")
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            problems.append(f"model.safetensors does not parse ({type(err).__name__}: {err})")
-
-    readme = folder / "README.md"
-    if readme.is_file():
-        text = readme.read_text(encoding="utf-8")
-        if "{{" in text or "{%" in text:
-            problems.append("README.md still contains Jinja markers: the card was not rendered")
-        try:
-            card = ModelCard(text, ignore_metadata_errors=False)
-            results = card.data.eval_results or []
-        except Exception as err:
-            problems.append(f"README.md metadata does not parse ({type(err).__name__}: {err})")
-            results = []
-        wanted = list(require_metrics) if require_metrics is not None else [t for t, _ in REQUIRED_METRICS.values()]
-        present = {r.metric_type for r in results}
-        if not results:
-            problems.append("README.md has no model-index (no evaluation results): render it with results")
-        elif set(wanted) - present:
-            problems.append(f"README.md model-index lacks metric(s) {sorted(set(wanted) - present)}")
-        for link in _IMAGE_LINK.findall(text):
-            if "://" in link or link.startswith("data:"):
-                continue
-            if not (folder / link).is_file():
-                problems.append(f"README.md shows image {link!r}, which is not in the folder")
+    if (folder / "model.safetensors").is_file():
+        _check_weights(folder / "model.safetensors", problems)
+    if (folder / "README.md").is_file():
+        _check_card(folder, require_metrics, problems)
     if problems:
         raise ValueError(f"{folder} is not ready to push:\n  - " + "\n  - ".join(problems))
 
@@ -139,8 +176,10 @@ def stage_model_folder(
     image_processor: Any | None = None,
     extra_files: Sequence[str | os.PathLike[str]] = (),
     allow_empty_groups: bool = False,
+    hub_format: str = "pih2t",
 ) -> Path:
     """Assemble the repository content in the empty folder ``staging`` (see :func:`push_to_hub` for arguments)."""
+    hub_format = _check_format(hub_format)
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     if any(staging.iterdir()):
@@ -150,7 +189,9 @@ def stage_model_folder(
     if card is not None and results is not None:
         raise ValueError("pass either a rendered card or config + results to render one, not both")
 
-    if hasattr(folder_or_model, "save_pretrained"):
+    if hasattr(folder_or_model, "save_pretrained") and hub_format == "timm":
+        export_timm(folder_or_model, staging, overwrite=True)  # refuses what is not timm backbone + linear head
+    elif hasattr(folder_or_model, "save_pretrained"):
         folder_or_model.save_pretrained(staging, safe_serialization=True)
     elif isinstance(folder_or_model, (str, os.PathLike)):
         src = Path(folder_or_model)
@@ -162,7 +203,7 @@ def stage_model_folder(
             "folder_or_model must be a folder path or a model with save_pretrained, "
             f"got {type(folder_or_model).__name__}"
         )
-    if image_processor is not None:
+    if image_processor is not None and hub_format == "pih2t":  # timm's config.json carries the pre-processing
         image_processor.save_pretrained(staging)
     for extra in extra_files:
         extra = Path(extra)
@@ -184,7 +225,8 @@ def stage_model_folder(
         write_model_card(card, staging)
     elif config is not None and results is not None:
         rendered = render_model_card(
-            config, results, repo_id=repo_id, plot_path=plot_name, allow_empty_groups=allow_empty_groups
+            config, results, repo_id=repo_id, plot_path=plot_name, allow_empty_groups=allow_empty_groups,
+            hub_format=hub_format,
         )
         write_model_card(rendered, staging)
     elif not (staging / "README.md").is_file():
@@ -208,6 +250,7 @@ def push_to_hub(
     revision: str | None = None,
     allow_empty_groups: bool = False,
     api: Any | None = None,
+    hub_format: str = "pih2t",
 ) -> Any:
     """Validate, then upload a model repository in one commit; returns ``upload_folder``'s result.
 
@@ -223,6 +266,9 @@ def push_to_hub(
         extra_files: more files to upload at the repository root.
         token, private, revision: as in ``HfApi``; ``create_repo(exist_ok=True)`` keeps an existing repo.
         api: an ``HfApi``-like object (tests route it to a local server).
+        hub_format: ``"pih2t"`` (default: ``save_pretrained`` layout with remote code) or ``"timm"``: a model is
+            written with :func:`~pih2t_hub.hub.export_timm` (refused unless timm backbone + linear head), a folder
+            must already be an ``export_timm`` folder; the card then shows timm / TimmWrapper usage.
 
     Raises:
         ValueError: the content is incomplete (see :func:`validate_model_folder`), a card cannot be rendered
@@ -242,10 +288,11 @@ def push_to_hub(
             image_processor=image_processor,
             extra_files=extra_files,
             allow_empty_groups=allow_empty_groups,
+            hub_format=hub_format,
         )
         # with allow_empty_groups a shot group without classes (e.g. no few-shot class) is left out of the card
         required = ("accuracy", "balanced_accuracy") if allow_empty_groups else None
-        validate_model_folder(staging, require_metrics=required)
+        validate_model_folder(staging, require_metrics=required, hub_format=hub_format)
         if api is None:
             from huggingface_hub import HfApi
 

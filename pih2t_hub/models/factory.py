@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import resolve_backbone
+from ..registry import check_backbone_available, resolve_backbone
 from .pih2t import PIH2TConfig, PIH2TForImageClassification
 
 
@@ -68,6 +68,10 @@ def create_model(
             ``transformers.PretrainedConfig`` of a vision encoder (random weights; used by tests).
         num_labels: number of classes (or give ``id2label``).
         pretrained: load the backbone's pretrained weights (the head is always new).
+
+    Raises:
+        pih2t_hub.registry.HubUnavailableError: the backbone needs the Hub (offline or unreachable) and is not
+            cached; one line naming the repository and what to do.
         id2label: class names; ``label2id`` is derived.
         class_counts: training images per class, recorded in the config.
         **config_kwargs: any other `PIH2TConfig` field (``head_type``, ``pif``, ``method``, ...).
@@ -91,6 +95,7 @@ def create_model(
         config = PIH2TConfig(backbone=f"config:{backbone.model_type}", backbone_source="hf",
                              backbone_config=cfg_dict, backbone_data_config=data_config, **config_kwargs)
     else:
+        check_backbone_available(backbone, pretrained)  # one-line HubUnavailableError in < 5 s, not retries
         spec = resolve_backbone(backbone)
         if spec.source == "hf":
             cfg_dict, data_config, hf_encoder = _hf_backbone_spec(spec.name, pretrained)

@@ -5,9 +5,16 @@ the repository instead and is loaded from its path::
 
     import evaluate
     from pih2t_hub.evaluation import LONGTAIL_METRIC_PATH
-    metric = evaluate.load(str(LONGTAIL_METRIC_PATH))                 # hard predictions
-    metric.compute(predictions=preds, references=labels, train_class_counts=counts)
-    metric = evaluate.load(str(LONGTAIL_METRIC_PATH), "probs")        # probability rows -> also ECE
+    metric = evaluate.load(str(LONGTAIL_METRIC_PATH))
+    metric.compute(predictions=preds, references=labels, train_class_counts=counts)    # class ids
+    metric.compute(predictions=logits, references=labels, train_class_counts=counts)   # logits -> also ECE
+    metric.compute(predictions=probs, references=labels, train_class_counts=counts)    # probabilities -> ECE
+
+The default configuration takes any of the three: a flat list of class ids, or one row of ``num_classes`` scores
+per example, read as probabilities when every row is non-negative and sums to 1 and as logits otherwise (softmax
+is applied for the calibration error; the prediction is the row's argmax either way). A row of logits that happens
+to look like probabilities is read as probabilities, which changes nothing but the ECE; to force a reading, load
+the ``"preds"``, ``"logits"`` or ``"probs"`` configuration instead.
 
 The numbers come from :func:`pih2t_hub.evaluation.metrics.longtail_metrics`, so both paths agree by construction.
 """
@@ -26,26 +33,38 @@ Accuracy of a long-tailed classifier, grouped by each class's number of *trainin
 balanced accuracy (mean per-class recall over classes with test images), many-shot (> many_threshold training
 images), medium-shot and few-shot (< few_threshold) accuracy as the mean per-class accuracy inside each group
 (NaN when a group has no class with test images), and per-class accuracy (NaN for classes without test images).
-With the "probs" configuration the predictions are probability rows and the 15-bin expected calibration error
-is added.
+Predictions may be class ids, logits or probabilities (one row of scores per example); with scores the 15-bin
+expected calibration error is added.
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: predicted class indices (default configuration) or probability rows ("probs" configuration).
+    predictions: predicted class indices, or one row of num_classes scores per example: logits or probabilities.
+        The default configuration tells them apart (rows that are non-negative and sum to 1 are probabilities,
+        other rows logits); the "preds", "logits" and "probs" configurations accept only that kind.
     references: true class indices.
     train_class_counts (list[int]): training images per class; defines the shot groups and the number of classes.
     many_threshold (int, default 100), few_threshold (int, default 20): shot-group thresholds.
     groups (list[str], optional): precomputed "many"/"medium"/"few" per class (fixed-range protocol).
     return_per_class (bool, default True): include the per-class accuracy list.
 Returns:
-    overall, balanced, many, medium, few (floats in [0, 1]; NaN for an empty group), ece (probs configuration
-    only), per_class (list of floats, NaN for classes without test images).
+    overall, balanced, many, medium, few (floats in [0, 1]; NaN for an empty group), ece (only when the
+    predictions are scores), per_class (list of floats, NaN for classes without test images).
 Examples:
     >>> metric = evaluate.load("path/to/longtail_metric")
     >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0], train_class_counts=[200, 10])["overall"]
     0.6666666666666666
+    >>> metric.compute(predictions=[[2.0, -1.0], [0.1, 0.3], [0.0, 1.5]], references=[0, 1, 0],
+    ...                train_class_counts=[200, 10])["overall"]
+    0.6666666666666666
 """
+
+#: configuration name -> how ``longtail_metrics`` reads the predictions
+_KINDS = {"default": "auto", "preds": "preds", "logits": "logits", "probs": "probs"}
+_IDS = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
+_SCORES = datasets.Features(
+    {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("int64")}
+)
 
 _CITATION = """\
 @inproceedings{kang2020decoupling,
@@ -63,17 +82,16 @@ class LongtailMetric(evaluate.Metric):
     """``evaluate`` wrapper around :func:`longtail_metrics`."""
 
     def _info(self) -> evaluate.MetricInfo:
-        if self.config_name == "probs":
-            predictions = datasets.Sequence(datasets.Value("float64"))
-        elif self.config_name == "default":
-            predictions = datasets.Value("int64")
-        else:
-            raise ValueError(f"unknown configuration {self.config_name!r}; use 'default' or 'probs'")
+        kind = _KINDS.get(self.config_name)
+        if kind is None:
+            raise ValueError(f"unknown configuration {self.config_name!r}; use one of {sorted(_KINDS)}")
+        # a list of feature sets: evaluate picks the one that matches the first batch (ids or score rows)
+        features = {"auto": [_SCORES, _IDS], "preds": _IDS}.get(kind, _SCORES)
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": predictions, "references": datasets.Value("int64")}),
+            features=features,
             reference_urls=["https://arxiv.org/abs/1910.09217"],
         )
 
@@ -89,7 +107,8 @@ class LongtailMetric(evaluate.Metric):
     ) -> dict:
         if train_class_counts is None:
             raise ValueError("train_class_counts is required: the shot groups are defined by training frequency")
-        outputs = np.asarray(predictions, dtype=np.float64 if self.config_name == "probs" else np.int64)
+        outputs = np.asarray(predictions)
+        kind = _KINDS[self.config_name]
         res = longtail_metrics(
             outputs,
             np.asarray(references, dtype=np.int64),
@@ -97,10 +116,10 @@ class LongtailMetric(evaluate.Metric):
             many_threshold=many_threshold,
             few_threshold=few_threshold,
             groups=groups,
-            kind="probs" if self.config_name == "probs" else "preds",
+            kind=kind,
         )
         out = {k: float(res[k]) for k in ("overall", "balanced", "many", "medium", "few")}
-        if self.config_name == "probs":
+        if res.get("ece") is not None:
             out["ece"] = float(res["ece"])
         if return_per_class:
             out["per_class"] = [float(v) for v in res["per_class"]]
