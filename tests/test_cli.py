@@ -315,3 +315,19 @@ def test_cli_report_to_tensorboard_logs_every_epoch(tmp_path: Path) -> None:
     tags = set(acc.Tags()["scalars"])
     assert {"loss", "lr", "val_balanced"} <= tags
     assert len(acc.Scalars("val_balanced")) == 4  # 2 stage-1 epochs + 2 stage-2 epochs
+
+
+@pytest.mark.parametrize("method", ["tau_norm", "logit_adjusted_posthoc"])
+def test_cli_export_timm_gives_the_same_logits(tmp_path: Path, method: str, shared_cache: Path) -> None:
+    """--export timm: the run's model also as a plain timm folder (bias-free τ-norm, folded post-hoc adjustment)."""
+    import timm
+    from transformers import AutoModelForImageClassification
+
+    out = tmp_path / "run"
+    _run_cli(TINY + ["--method", method, "--stage1-epochs", "1", "--batch-size", "64", "--export", "timm",
+                     "--output-dir", str(out), "--cache-dir", str(shared_cache)])
+    ours = AutoModelForImageClassification.from_pretrained(out / "model").eval()
+    plain = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), ours(pixel_values=x).logits, atol=1e-5, rtol=1e-5)

@@ -34,30 +34,47 @@ def write_outputs(ctx: RunContext, results: dict[str, Any]) -> None:
                                    model_dir / "accuracy_vs_frequency.png")
     if "test" in results:
         _write_card(ctx, results, model_dir)
-    if cfg.push_to_hub:
-        from ..hub.push import push_to_hub
+    if cfg.export == "timm":  # also as a plain timm folder (loads without pih2t_hub and without remote code)
+        from ..hub.timm_export import export_timm
 
-        # the folder's README.md is the card rendered above; push_to_hub validates everything before uploading
-        push_to_hub(model_dir, cfg.hub_model_id, allow_empty_groups=True)
-        print(f"pushed {model_dir} to the Hub as {cfg.hub_model_id}")
+        export_timm(model, out / "timm", overwrite=True)
+    if cfg.push_to_hub:
+        _push(ctx, results, model_dir)
+
+
+def _card_config(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
+    """The card is rendered from the resolved run config, the method's recipe source and the run's facts."""
+    cfg = ctx.cfg
+    recipe = ctx.method.recipe
+    hparams = {k: getattr(cfg, k) for k in CARD_HPARAMS}
+    hparams["recipe_source"] = recipe.source if recipe is not None else "no stage-2 training"
+    return {**cfg.to_dict(), "global_batch_size": results["global_batch"], "hyperparameters": hparams,
+            "hardware": f"{results['num_processes']} process(es), {platform.machine()}, torch {torch.__version__}",
+            "backbone_tag": ctx.model.config.backbone_tag, "class_counts": ctx.counts.tolist()}
 
 
 def _write_card(ctx: RunContext, results: dict[str, Any], model_dir: Path) -> None:
     from ..hub.model_card import render_model_card, write_model_card
 
-    cfg = ctx.cfg
-    recipe = ctx.method.recipe
-    hparams = {k: getattr(cfg, k) for k in CARD_HPARAMS}
-    hparams["recipe_source"] = recipe.source if recipe is not None else "no stage-2 training"
-    card_cfg = {**cfg.to_dict(), "global_batch_size": results["global_batch"], "hyperparameters": hparams,
-                "hardware": f"{results['num_processes']} process(es), {platform.machine()}, torch {torch.__version__}",
-                "backbone_tag": ctx.model.config.backbone_tag, "class_counts": ctx.counts.tolist()}
     try:
-        card = render_model_card(card_cfg, results["test"], plot_path="accuracy_vs_frequency.png",
+        card = render_model_card(_card_config(ctx, results), results["test"], plot_path="accuracy_vs_frequency.png",
                                  allow_empty_groups=True)
         write_model_card(card, model_dir)
     except (TypeError, ValueError) as err:  # a group without classes (e.g. no few-shot class) etc.
         print(f"model card not written: {err}")
+
+
+def _push(ctx: RunContext, results: dict[str, Any], model_dir: Path) -> None:
+    """Push the saved folder (``hub_format="pih2t"``, its README.md is the card above) or the timm export."""
+    from ..hub.push import push_to_hub
+
+    cfg = ctx.cfg
+    if cfg.hub_format == "timm":
+        push_to_hub(ctx.model, cfg.hub_model_id, hub_format="timm", config=_card_config(ctx, results),
+                    results=results["test"], plot=model_dir / "accuracy_vs_frequency.png", allow_empty_groups=True)
+    else:  # push_to_hub validates everything before uploading
+        push_to_hub(model_dir, cfg.hub_model_id, allow_empty_groups=True)
+    print(f"pushed {model_dir if cfg.hub_format == 'pih2t' else 'the timm export'} to the Hub as {cfg.hub_model_id}")
 
 
 __all__ = ["write_outputs"]

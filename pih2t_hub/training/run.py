@@ -88,8 +88,12 @@ def _setup(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from ..registry import check_backbone_available
+
     method_cls = get_method(cfg.validate().method)
     cfg = method_cls.resolve(cfg).validate()
+    if not cfg.init_from:
+        check_backbone_available(cfg.backbone, cfg.pretrained)  # one line, in seconds, before any data is read
     out = Path(cfg.output_dir)
     accelerator = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                              mixed_precision=cfg.mixed_precision, log_with=cfg.report_to,
