@@ -34,6 +34,8 @@ try:  # transformers >= 4.52
 except ImportError:  # pragma: no cover - older transformers: timm stages are not checkpointed
     GradientCheckpointingLayer = None
 
+# ``output_hidden_states``: a flag, or (transformers >= 5) the indices of the states to keep (others are None)
+HiddenFlag = bool | list[int]
 States = tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]
 
 
@@ -54,7 +56,7 @@ class BackboneAdapter(nn.Module):
         return 1 if features.dim() == 4 else -1
 
     def forward_with_states(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self, pixel_values: torch.Tensor, output_hidden_states: HiddenFlag = False, output_attentions: bool = False
     ) -> States:  # pragma: no cover - interface
         """``(features, hidden_states or None, attentions or None)``."""
         raise NotImplementedError
@@ -97,7 +99,7 @@ class TimmBackbone(BackboneAdapter):
         return self.model.forward_features(pixel_values)
 
     def forward_with_states(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self, pixel_values: torch.Tensor, output_hidden_states: HiddenFlag = False, output_attentions: bool = False
     ) -> States:
         if output_attentions:
             raise ValueError(
@@ -112,7 +114,7 @@ class TimmBackbone(BackboneAdapter):
             )
         # timm's own per-stage outputs; the final features are the same tensor forward_features gives
         features, intermediates = self.model.forward_intermediates(pixel_values)
-        return features, tuple(intermediates), None
+        return features, _keep_indices(tuple(intermediates), output_hidden_states), None
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(features, pre_logits=True)
@@ -164,7 +166,7 @@ class HFBackbone(BackboneAdapter):
         return self.forward_with_states(pixel_values)[0]
 
     def forward_with_states(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self, pixel_values: torch.Tensor, output_hidden_states: HiddenFlag = False, output_attentions: bool = False
     ) -> States:
         out = self.model(
             pixel_values=pixel_values,
@@ -177,7 +179,7 @@ class HFBackbone(BackboneAdapter):
             raise ValueError(
                 f"HF backbone returned last_hidden_state of shape {tuple(hidden.shape)}; expected tokens B×N×D"
             )
-        states = tuple(out.hidden_states) if output_hidden_states else None
+        states = tuple(out.hidden_states) if output_hidden_states is not False and out.hidden_states else None
         attentions = tuple(out.attentions) if output_attentions else None
         return hidden, states, attentions
 
@@ -200,6 +202,14 @@ class HFBackbone(BackboneAdapter):
             "crop_pct": 1.0,
             "crop_mode": "center",
         }
+
+
+def _keep_indices(states: tuple[torch.Tensor, ...], selection: HiddenFlag) -> tuple[torch.Tensor | None, ...]:
+    """All states for ``True``; for a list of indices (negative ones count from the end) the others are ``None``."""
+    if selection is True:
+        return states
+    keep = {int(i) % len(states) for i in selection}
+    return tuple(s if i in keep else None for i, s in enumerate(states))
 
 
 def _hf_model_without_pooler(auto_cls: Any, config: PretrainedConfig) -> nn.Module:

@@ -165,7 +165,7 @@ class PIH2TModel(PIH2TPreTrainedModel):
         return self.features_and_states(pixel_values)[0]
 
     def features_and_states(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | list[int] = False, output_attentions: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """Un-pooled features after PIF plus the backbone's hidden states and attentions (``None`` unless asked)."""
         self._check_pixels(pixel_values)
@@ -185,7 +185,7 @@ class PIH2TModel(PIH2TPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
@@ -226,7 +226,7 @@ class PIH2TForImageClassification(PIH2TPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
@@ -240,11 +240,18 @@ class PIH2TForImageClassification(PIH2TPreTrainedModel):
 
 
 def _output_flags(
-    config: PIH2TConfig, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
-) -> tuple[bool, bool, bool]:
-    """Call arguments, else the config's values, as every transformers model resolves them."""
+    config: PIH2TConfig,
+    output_hidden_states: bool | list[int] | None,
+    output_attentions: bool | None,
+    return_dict: bool | None,
+) -> tuple[bool | list[int], bool, bool]:
+    """Call arguments, else the config's values, as every transformers model resolves them.
+
+    ``output_hidden_states`` may also be a list of the indices to keep (transformers >= 5); an empty one is ``False``.
+    """
+    hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
     return (
-        bool(output_hidden_states if output_hidden_states is not None else config.output_hidden_states),
+        list(hidden) if isinstance(hidden, (list, tuple)) and len(hidden) else bool(hidden),
         bool(output_attentions if output_attentions is not None else config.output_attentions),
         bool(return_dict if return_dict is not None else config.return_dict),
     )
