@@ -179,6 +179,7 @@ class PIH2TTimmCNNModelTest(_PIH2TCommonTests, unittest.TestCase):
 @_skip_not_applicable
 class PIH2THFViTModelTest(_PIH2TCommonTests, unittest.TestCase):
     tiny_tester = HFViTTester
+    _is_composite = True  # an HF encoder (its own PreTrainedModel and sub-config) inside PIH2T
 
     def config_kwargs(self) -> dict:
         # the encoder config as it lies in a config.json (string label ids, no version: a nested config has none),
