@@ -202,8 +202,9 @@ class PIH2TModel(PIH2TPreTrainedModel):
 class PIH2TForImageClassification(PIH2TPreTrainedModel):
     """A long-tailed classifier: backbone (+PIF) → pooled features → linear or cosine head.
 
-    ``forward(pixel_values, labels)`` returns an ``ImageClassifierOutput`` (cross-entropy ``loss`` when labels are
-    given), so it works with ``Trainer`` and ``pipeline``. ``forward_head(pooled)`` classifies cached features.
+    ``forward(pixel_values, labels)`` returns an ``ImageClassifierOutput`` (with the ``loss`` of
+    ``config.problem_type`` when labels are given, see `classification_loss`), so it works with ``Trainer`` and
+    ``pipeline``. ``forward_head(pooled)`` classifies cached features.
     """
 
     def __init__(self, config: PIH2TConfig) -> None:
@@ -284,4 +285,4 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PIH2
     raise ValueError(f"unknown problem_type {config.problem_type!r}")
 
 
-__all__ = ["PIH2TPreTrainedModel", "PIH2TModel", "PIH2TForImageClassification"]
+__all__ = ["PIH2TPreTrainedModel", "PIH2TModel", "PIH2TForImageClassification", "classification_loss"]
