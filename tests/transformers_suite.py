@@ -60,7 +60,11 @@ def _extract_tests(archive: Path) -> Path:
         if missing:
             raise FileNotFoundError(f"{archive} has no tests/{missing[0]}")
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process extracted it meanwhile
+            if not (target / COMMON_FILES[0]).is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -210,6 +210,7 @@ class PIH2TForImageClassification(PIH2TPreTrainedModel):
     def __init__(self, config: PIH2TConfig) -> None:
         super().__init__(config)
         self.pih2t = PIH2TModel(config)
+        self.supports_gradient_checkpointing = self.pih2t.supports_gradient_checkpointing
         self.classifier = build_head(
             config.head_type, config.num_features, config.num_labels, bias=config.head_bias, scale=config.cosine_scale
         )
