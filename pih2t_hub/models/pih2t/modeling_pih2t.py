@@ -21,23 +21,50 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from .backbones import BackboneAdapter, build_backbone
 from .configuration_pih2t import PIH2TConfig
 from .fusion import PIF
-from .heads import build_head
+from .heads import CosineHead, LinearHead, build_head
 
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 
 
 class PIH2TPreTrainedModel(PreTrainedModel):
-    """Shared weight handling: backbones initialise themselves (timm / HF init), so nothing is re-initialised here."""
+    """Shared weight handling, activation checkpointing and attention dispatch of the PI-H2T models."""
 
     config_class = PIH2TConfig
     base_model_prefix = "pih2t"
     main_input_name = "pixel_values"
-    supports_gradient_checkpointing = False
+    input_modalities = ("image",)
+    # Both backbone kinds checkpoint through transformers' GradientCheckpointingLayer (see backbones.py).
+    supports_gradient_checkpointing = True
+    # HF encoders dispatch on config._attn_implementation; timm attention already uses F.scaled_dot_product_attention.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["PIH2TModel"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # timm and HF encoders initialise in their constructors; our heads and PIF do too. Re-initialising here
-        # would overwrite pretrained backbone weights loaded before post_init.
-        return
+        """What a meta-device build needs to be correct; HF encoders run their own ``_init_weights`` (transformers
+        dispatches to every nested ``PreTrainedModel``).
+
+        timm layers keep the initialisation timm gave them in their constructor (a normal build, then overwritten by
+        a checkpoint), but their *buffers* are not in ``model.safetensors`` when non-persistent and carry garbage
+        after ``to_empty``: batch-norm statistics are reset to a fresh layer's (mean 0, var 1, no batches seen).
+        Our own heads re-run their initialisation.
+        """
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            if module.track_running_stats:
+                module.reset_running_stats()
+        elif isinstance(module, LinearHead):
+            module.reset_parameters()
+        elif isinstance(module, CosineHead):
+            nn.init.normal_(module.weight, std=0.01)  # as CosineHead.__init__
+        elif isinstance(module, PIF):
+            for layer in module.phi:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+            if module.mode == "residual":  # as PIF.__init__: a pretrained backbone starts unchanged
+                nn.init.zeros_(module.phi[-1].weight)
+                nn.init.zeros_(module.phi[-1].bias)
 
     @classmethod
     def get_init_context(cls, *args: Any, **kwargs: Any) -> list:
@@ -109,6 +136,12 @@ class PIH2TModel(PIH2TPreTrainedModel):
                 f"config.num_features={config.num_features} but backbone {config.backbone!r} gives "
                 f"{self.backbone.num_features}"
             )
+        if config.backbone_source == "hf":
+            # one config object for the encoder and our sub-config, so attn_implementation / dtype set on either
+            # reach both (transformers' composite-model contract)
+            config.backbone_config = self.backbone.model.config
+        elif not getattr(self.backbone, "checkpoint_stages", None):
+            self.supports_gradient_checkpointing = False  # no timm stage to checkpoint: say so instead of no-op
         self.post_init()
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
@@ -121,13 +154,27 @@ class PIH2TModel(PIH2TPreTrainedModel):
                 f"{pixel_values.shape[1]} (convert grayscale images to RGB)"
             )
 
+        if pixel_values.device.type != "meta" and not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError(
+                "pixel_values contain NaN or infinite values (check the image decoding and normalisation); "
+                "refusing to produce logits from them"
+            )
+
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Un-pooled features after PIF: where H2T fuses on the faithful (online) path."""
+        return self.features_and_states(pixel_values)[0]
+
+    def features_and_states(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | list[int] = False, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Un-pooled features after PIF plus the backbone's hidden states and attentions (``None`` unless asked)."""
         self._check_pixels(pixel_values)
-        features = self.backbone.forward_features(pixel_values)
+        features, hidden_states, attentions = self.backbone.forward_with_states(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
         if self.pif is not None:
             features = self.pif(features, channel_dim=self.backbone.channel_dim(features))
-        return features
+        return features, hidden_states, attentions
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return self.backbone.pool(features)
@@ -136,25 +183,34 @@ class PIH2TModel(PIH2TPreTrainedModel):
         return self.backbone.channel_dim(features)
 
     def forward(
-        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple:
-        features = self.forward_features(pixel_values)
-        pooled = self.pool(features)
-        if return_dict is False:
-            return features, pooled
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+        hidden, attn, return_dict = _output_flags(self.config, output_hidden_states, output_attentions, return_dict)
+        features, hidden_states, attentions = self.features_and_states(pixel_values, hidden, attn)
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=features, pooler_output=self.pool(features), hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return out if return_dict else out.to_tuple()
 
 
 class PIH2TForImageClassification(PIH2TPreTrainedModel):
     """A long-tailed classifier: backbone (+PIF) → pooled features → linear or cosine head.
 
-    ``forward(pixel_values, labels)`` returns an ``ImageClassifierOutput`` (cross-entropy ``loss`` when labels are
-    given), so it works with ``Trainer`` and ``pipeline``. ``forward_head(pooled)`` classifies cached features.
+    ``forward(pixel_values, labels)`` returns an ``ImageClassifierOutput`` (with the ``loss`` of
+    ``config.problem_type`` when labels are given, see `classification_loss`), so it works with ``Trainer`` and
+    ``pipeline``. ``forward_head(pooled)`` classifies cached features.
     """
 
     def __init__(self, config: PIH2TConfig) -> None:
         super().__init__(config)
         self.pih2t = PIH2TModel(config)
+        self.supports_gradient_checkpointing = self.pih2t.supports_gradient_checkpointing
         self.classifier = build_head(
             config.head_type, config.num_features, config.num_labels, bias=config.head_bias, scale=config.cosine_scale
         )
@@ -172,18 +228,62 @@ class PIH2TForImageClassification(PIH2TPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | list[int] | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> ImageClassifierOutput | tuple:
-        features = self.pih2t.forward_features(pixel_values)
-        pooled = self.pih2t.pool(features)
-        logits = self.classifier(pooled)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits, labels.to(logits.device).long())
-        if return_dict is False:
-            return (loss, logits) if loss is not None else (logits,)
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        hidden, attn, return_dict = _output_flags(self.config, output_hidden_states, output_attentions, return_dict)
+        features, hidden_states, attentions = self.pih2t.features_and_states(pixel_values, hidden, attn)
+        logits = self.classifier(self.pih2t.pool(features))
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        out = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
+        return out if return_dict else out.to_tuple()
 
 
-__all__ = ["PIH2TPreTrainedModel", "PIH2TModel", "PIH2TForImageClassification"]
+def _output_flags(
+    config: PIH2TConfig,
+    output_hidden_states: bool | list[int] | None,
+    output_attentions: bool | None,
+    return_dict: bool | None,
+) -> tuple[bool | list[int], bool, bool]:
+    """Call arguments, else the config's values, as every transformers model resolves them.
+
+    ``output_hidden_states`` may also be a list of the indices to keep (transformers >= 5); an empty one is ``False``.
+    """
+    hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+    return (
+        list(hidden) if isinstance(hidden, (list, tuple)) and len(hidden) else bool(hidden),
+        bool(output_attentions if output_attentions is not None else config.output_attentions),
+        bool(return_dict if return_dict is not None else config.return_dict),
+    )
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PIH2TConfig) -> torch.Tensor:
+    """The loss of transformers' image classifiers, chosen by ``config.problem_type``.
+
+    Unset, it is inferred (and recorded on the config) from the labels as transformers does: one output is
+    regression (MSE), integer labels are single-label classification (cross-entropy, ``-100`` ignored), float labels
+    are multi-label classification (BCE with logits).
+    """
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1).long(), ignore_index=-100)
+    if config.problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    raise ValueError(f"unknown problem_type {config.problem_type!r}")
+
+
+__all__ = ["PIH2TPreTrainedModel", "PIH2TModel", "PIH2TForImageClassification", "classification_loss"]
