@@ -96,8 +96,9 @@ def _replace_channels(
 
 # ---------------------------------------------------------------------------------------------- H2TF
 #
-# The fragment fixes the map from a distance to the keep ratio, ρ = 0.8/(1+d) + 0.2, but not what ``d`` measures
-# (METHODS.md §2.4). The candidates below are reconstructions [RECON], to be chosen on validation, never on test.
+# The public ``H2Tv2`` fragment fixes the map from a distance to the keep ratio, ρ = 0.8/(1+d) + 0.2, but not what
+# ``d`` measures (it has no call site). The candidates below are reconstructions [RECON], to be chosen on
+# validation, never on test (docs/h2tf_distances.md).
 # ``f₁, y₁`` are the fused sample and its label, ``f₂, y₂`` the fusing one's, ``μ_c`` class prototypes (means of the
 # stage-1 pooled training features), ``s̄`` the mean over all training samples of ``‖f − μ_y‖``, ``σ_c`` the same
 # mean over class ``c`` only, ``n_c`` the class's training count and ``n_max`` the largest count.
@@ -106,8 +107,8 @@ H2TF_DISTANCES: dict[str, str] = {
     "global": "‖f₁ − μ_{y₁}‖ / s̄: distance to the own class prototype in units of the global mean such distance",
     "class_spread": "‖f₁ − μ_{y₁}‖ / σ_{y₁}: the same distance in units of the own class's spread",
     "frequency": "log(n_max / n_{y₁}): a class-level term, 0 for the largest class, largest for the rarest",
-    "global_frequency": "(‖f₁ − μ_{y₁}‖ / s̄)·(1 + log(n_max / n_{y₁})): the global distance, stretched for tail classes",
-    "pair": "‖μ_{y₁} − μ_{y₂}‖ / m̄: distance between the two samples' class prototypes, m̄ their mean over class pairs",
+    "global_frequency": "(‖f₁ − μ_{y₁}‖ / s̄)·(1 + log(n_max / n_{y₁})): the global distance, stretched for tails",
+    "pair": "‖μ_{y₁} − μ_{y₂}‖ / m̄: distance between the two samples' class prototypes, m̄ its mean over class pairs",
     "cross": "‖f₂ − μ_{y₁}‖ / s̄: the fusing sample's distance to the fused sample's class prototype",
 }
 """H2TF distance candidates by name, each with its formula (all [RECON])."""
