@@ -294,7 +294,9 @@ def test_legacy_prototype_distance_is_the_global_candidate():
     x, y = _train_set()
     f1, y1, f2, _ = _batch()
     legacy = h2tf_fuse(_t(f1), _t(f2), _t(y1), PrototypeDistance(*class_prototypes(_t(x), _t(y), 4)))
-    new = H2TFusion.from_features(_t(x), _t(y), 4).fuse(_t(f1), _t(f2), _t(y1))
+    fusion = H2TFusion.from_features(_t(x), _t(y), 4)
+    assert fusion.config == {"distance": "global", "mapping": "fragment", "mode": "interpolate"}
+    new = fusion.fuse(_t(f1), _t(f2), _t(y1))
     torch.testing.assert_close(new[1], legacy[1])
     torch.testing.assert_close(new[0], legacy[0])
 

@@ -155,7 +155,7 @@ def h2tf_ratio(distance: torch.Tensor, mapping: str = "fragment") -> torch.Tenso
     return 0.8 / (1.0 + distance.square()) + 0.2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: identity, not element-wise ==
 class ClassStats:
     """Per-class statistics of stage-1 pooled training features, the raw material of every H2TF distance.
 
@@ -367,6 +367,11 @@ class H2TFusion:
     def row_wise(self) -> bool:
         """Whether ρ depends on the fused row only (then :meth:`precompute` applies)."""
         return self.distance in H2TF_ROW_WISE
+
+    @property
+    def config(self) -> dict[str, str]:
+        """What to record with a run: the candidate, the mapping and the mode."""
+        return {"distance": self.distance, "mapping": self.mapping, "mode": self.mode}
 
     def __repr__(self) -> str:
         return (f"H2TFusion(distance={self.distance!r}, mode={self.mode!r}, mapping={self.mapping!r}, "
