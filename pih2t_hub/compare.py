@@ -205,7 +205,7 @@ class _Probe:
 
 
 DEFAULT_PARAMS = {"tau": 1.0, "gamma": 2.0, "beta": 0.9999, "max_m": 0.5, "fusion_ratio": 0.25,
-                  "h2tf_mode": "interpolate"}
+                  "h2tf_mode": "interpolate", "distance": "global", "mapping": "fragment"}
 
 
 def _default_trial(cand: Candidate, base: RunConfig) -> dict[str, Any]:

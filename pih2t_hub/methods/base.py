@@ -168,6 +168,11 @@ class Method:
         """``fuse(fused, fusing, labels, channel_dim)`` for fusion methods, else ``None``."""
         return None
 
+    def row_values(self, ctx: Stage2Context) -> torch.Tensor | None:
+        """Optional per-row values of the cached train features (one per row), passed to the fusion of the fused
+        branch as ``fused_rho``: for quantities fixed during stage 2 (e.g. H2TF's keep ratios)."""
+        return None
+
     def finalize(self, trained: nn.Module, ctx: Stage2Context) -> nn.Module:
         """The inference head after training (or, for post-hoc methods, instead of it)."""
         return trained

@@ -2,17 +2,22 @@
 
 No public code exists: this is the project's reconstruction from the paper's abstract and a published fragment
 (docs/methods.md says which parts are reconstructed). Stage 1 inserts the PIF layer when the backbone is
-fine-tuned; stage 2 interpolates pooled features of the two branches with a per-sample ratio derived from the
-fused sample's distance to its class prototype, so no fusion ratio has to be set by hand.
+fine-tuned; stage 2 mixes pooled features of the two branches with a per-sample keep ratio ρ derived from a
+distance (``--method-kwargs "{distance: class_spread, mapping: square}"``), so no fusion ratio is set by hand.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..models.pih2t.fusion import PrototypeDistance, class_prototypes, h2tf_fuse
+import torch
+
+from ..models.pih2t.fusion import H2TFusion
 from .base import Fuse, Method, Stage2Context, register_method
 from .ce import H2T_RECIPE
+
+# distances whose inputs a stage-2 step has (``pair`` would also need the fusing branch's labels)
+STAGE2_DISTANCES = ("global", "class_spread", "frequency", "global_frequency", "cross")
 
 
 @register_method("pi-h2t")
@@ -23,17 +28,35 @@ class PIH2T(Method):
     sampler = "dual"
     fusion_site = "pooled"
     stage1_pif = True
-    needs_features = True  # class prototypes come from the stage-1 train features
+    needs_features = True  # class statistics come from the stage-1 train features
+
+    def _fusion(self, ctx: Stage2Context) -> H2TFusion:
+        if ctx.train_features is None:
+            raise ValueError("PI-H2T needs the stage-1 train features for its class statistics")
+        kw = self.cfg.method_kwargs
+        distance = kw.get("distance", "global")
+        if distance not in STAGE2_DISTANCES:
+            raise ValueError(f"PI-H2T distance {distance!r} is not available in stage 2; choose one of "
+                             f"{list(STAGE2_DISTANCES)}")
+        x, y = ctx.train_features
+        return H2TFusion.from_features(x, y, ctx.num_classes, distance=distance, mode=self.cfg.h2tf_mode,
+                                       mapping=kw.get("mapping", "fragment"), generator=ctx.generator)
 
     def make_fusion(self, ctx: Stage2Context) -> Fuse:
-        if ctx.train_features is None:
-            raise ValueError("PI-H2T needs the stage-1 train features for its class prototypes")
-        x, y = ctx.train_features
-        dist = PrototypeDistance(*class_prototypes(x.float(), y, ctx.num_classes))
-        mode, gen = self.cfg.h2tf_mode, ctx.generator
-        return lambda f, g, yy, cd: h2tf_fuse(f, g, yy, dist, mode=mode, channel_dim=cd, generator=gen)[0]
+        self.fusion = self._fusion(ctx)
+        ctx.results["h2tf"] = self.fusion.config
+        return self.fusion
+
+    def row_values(self, ctx: Stage2Context) -> torch.Tensor | None:
+        """Per-row keep ratios of the cached train features, for distances of the fused row alone: fixed for the
+        whole of stage 2, so the step only interpolates (exactly what the per-batch computation gives)."""
+        if not self.fusion.row_wise or ctx.train_features is None:
+            return None
+        return self.fusion.precompute(*ctx.train_features)
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
         return {**super().search_space(trial),
-                "h2tf_mode": trial.suggest_categorical("h2tf_mode", ["interpolate", "replace"])}
+                "h2tf_mode": trial.suggest_categorical("h2tf_mode", ["interpolate", "replace"]),
+                "method_kwargs": {"distance": trial.suggest_categorical("distance", list(STAGE2_DISTANCES)),
+                                  "mapping": trial.suggest_categorical("mapping", ["fragment", "square"])}}

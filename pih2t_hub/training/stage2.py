@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..data.samplers import DualBranchDataset
 from ..methods import Stage2Context
@@ -44,17 +44,20 @@ def run_stage2(ctx: RunContext, mctx: Stage2Context) -> tuple[LoopState | None, 
     trainable = method.setup_head(head, mctx)
     loss_fn = method.make_loss(mctx)
     fuse = method.make_fusion(mctx)
-    state, trained = _train(ctx, trainable, loss_fn, fuse)
+    rows = method.row_values(mctx) if ctx.cfg.stage2_mode == "cached" and fuse is not None else None
+    state, trained = _train(ctx, trainable, loss_fn, fuse, rows)
     if state.stopped:
         return state, trained
     return state, method.finalize(trained, mctx)
 
 
-def _stage2_loader(ctx: RunContext) -> DataLoader:
+def _stage2_loader(ctx: RunContext, rows: torch.Tensor | None) -> DataLoader:
     cfg, method = ctx.cfg, ctx.method
     if cfg.stage2_mode == "cached":
         base = ctx.features["train"]
         labels = base.tensors[1]
+        if rows is not None:  # per-row values travel as a third column, gathered with their rows
+            base = TensorDataset(*base.tensors[:2], rows)
         ds = DualBranchDataset(base) if method.dual_branch else base
     else:
         base = ctx.images("train", True)
@@ -73,10 +76,11 @@ def _batch_len(batch: Any) -> int:
     return len(batch[1])
 
 
-def _train(ctx: RunContext, trainable: nn.Module, loss_fn: nn.Module, fuse: Callable | None) -> tuple[LoopState, nn.Module]:
+def _train(ctx: RunContext, trainable: nn.Module, loss_fn: nn.Module, fuse: Callable | None,
+           rows: torch.Tensor | None) -> tuple[LoopState, nn.Module]:
     cfg, acc, method = ctx.cfg, ctx.accelerator, ctx.method
     opt = ctx.sgd(trainable.parameters(), float(cfg.stage2_lr), float(cfg.stage2_weight_decay))
-    trainable, opt, loader = acc.prepare(trainable, opt, _stage2_loader(ctx))
+    trainable, opt, loader = acc.prepare(trainable, opt, _stage2_loader(ctx, rows))
     backbone = ctx.model.pih2t.to(acc.device)
     backbone.requires_grad_(False)
     extra = ctx.extra_state
@@ -106,11 +110,13 @@ def _train(ctx: RunContext, trainable: nn.Module, loss_fn: nn.Module, fuse: Call
 
 def _cached_step(trainable: nn.Module, loss_fn: nn.Module, fuse: Callable | None, dual: bool) -> Callable:
     def step(batch: Any) -> torch.Tensor:
-        if dual:
-            (xf, yf), (xg, _) = batch["fused"], batch["fusing"]
-        else:
-            (xf, yf), xg = batch, None
-        return loss_fn(trainable(cached_fused_features(xf, xg, yf, fuse)), yf)
+        if not dual:
+            xf, yf = batch[:2]
+            return loss_fn(trainable(xf.float()), yf)
+        fused, fusing = batch["fused"], batch["fusing"]
+        xf, yf, xg = fused[0], fused[1], fusing[0]
+        fz = fuse if len(fused) == 2 else (lambda f, g, y, cd: fuse(f, g, y, cd, fused_rho=fused[2]))
+        return loss_fn(trainable(cached_fused_features(xf, xg, yf, fz)), yf)
 
     return step
 
