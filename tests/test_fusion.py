@@ -1,4 +1,4 @@
-"""H2T / H2TF / PIF semantics, pinned against hand-written expectations (METHODS.md §1.4, §2.3, §2.4)."""
+"""H2T / H2TF / PIF semantics, pinned against hand-written expectations (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_pif_residual_starts_as_identity():
 
 
 # ---------------------------------------------------------------------------------------------- H2TF candidates
-# Every distance is recomputed here with numpy in float64 from its written formula (docs/h2tf_distances.md).
+# Every distance is recomputed here with numpy in float64 from its written formula (docs/methods.md, "H2TF: the distance behind the fusion ratio").
 
 COUNTS = [9, 5, 3, 2]  # a small long tail; each class has >= 2 samples, so every spread is positive
 

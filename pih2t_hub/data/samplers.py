@@ -16,7 +16,7 @@ Design rules, and why:
 * Each sampler exposes ``indices()`` (the epoch as one tensor) for vectorised use on cached features, and
   ``class_probabilities`` (the distribution it draws classes from, by class id).
 
-H2T's dual branch (METHODS.md §1.4): :class:`DualBranchSampler` yields ``(fused, fusing)`` index pairs — the fused
+H2T's dual branch (docs/methods.md): :class:`DualBranchSampler` yields ``(fused, fusing)`` index pairs — the fused
 index is class-balanced, the fusing one walks a shuffled permutation of the data (instance-wise) — and
 :class:`DualBranchDataset` turns a pair into ``{"fused": base[fused], "fusing": base[fusing]}``. The same two
 objects serve an image dataset (online path, with augmentation in the base dataset's transform) and a

@@ -1,7 +1,7 @@
 """Shot groups: which classes count as many-, medium- and few-shot.
 
 Long-tailed papers report accuracy per group of classes split by their *training* frequency. Two protocols
-exist and give different groups (METHODS.md §1.7), so both are here and the caller says which one it reports:
+exist and give different groups (docs/methods.md), so both are here and the caller says which one it reports:
 
 * ``"threshold"`` (Kang et al. / DLSA code): many > 100, medium 20-100, few < 20 training images.
 * ``"fixed_range"`` (MiSLAS / H2T code): fixed class-index ranges after sorting the classes by frequency.

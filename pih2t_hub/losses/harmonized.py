@@ -1,4 +1,4 @@
-"""Intra/inter-category gradient-harmonised loss — a **[RECON]** reconstruction (METHODS.md §4.3–4.4).
+"""Intra/inter-category gradient-harmonised loss — a **[RECON]** reconstruction (docs/methods.md–4.4).
 
 Paper: Zhang, Lin, Zhang, Xu, *Solving the Long-Tailed Problem via Intra- and Inter-Category Balance*, ICASSP 2022
 (arXiv 2204.09234). No official code exists and only the abstract was read, so **everything here is a

@@ -2,7 +2,7 @@
 
 Both return the *pooled, fused* features of a dual-branch batch; the head and the loss are applied by the caller.
 Keeping them side by side makes the claim testable that, for a channel-wise pooling (GAP, CLS token) and a linear
-or cosine head, the cached path computes exactly the online path with an eval-mode backbone (METHODS.md §1.4).
+or cosine head, the cached path computes exactly the online path with an eval-mode backbone (docs/methods.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Pure tensor functions plus one small module. Shapes follow the backbone adapters
 ``(B, C, H, W)`` with channels on dim 1, ViT tokens ``(B, N, D)`` with channels (embedding dims) on dim -1, pooled
 vectors ``(B, D)``. Every function takes the channel dimension explicitly so the same code serves all three.
 
-Provenance (see METHODS.md): ``h2t_fuse`` follows the official H2T code [CODE]; ``h2tf_*`` formalises the
+Provenance (see docs/methods.md): ``h2t_fuse`` follows the official H2T code [CODE]; ``h2tf_*`` formalises the
 ``H2Tv2`` fragment, with the distance ``d`` a reconstruction [RECON] chosen by name from a small family
 (:data:`H2TF_DISTANCES`, :class:`H2TFusion`); ``PIF`` formalises the PIF fragment, with the
 non-linearity and residual options reconstructions [RECON].
@@ -41,7 +41,7 @@ def h2t_channel_subset(
 ) -> torch.Tensor:
     """The first ``floor(p·C)`` entries of a uniformly random permutation of the channel indices.
 
-    One subset per call: H2T draws it once per iteration and shares it across the whole batch (METHODS.md §1.4).
+    One subset per call: H2T draws it once per iteration and shares it across the whole batch (docs/methods.md).
     """
     ratio = _check_ratio(ratio)
     k = int(math.floor(ratio * num_channels + 1e-9))
@@ -98,7 +98,7 @@ def _replace_channels(
 #
 # The public ``H2Tv2`` fragment fixes the map from a distance to the keep ratio, ρ = 0.8/(1+d) + 0.2, but not what
 # ``d`` measures (it has no call site). The candidates below are reconstructions [RECON], to be chosen on
-# validation, never on test (docs/h2tf_distances.md).
+# validation, never on test (docs/methods.md, "H2TF: the distance behind the fusion ratio").
 # ``f₁, y₁`` are the fused sample and its label, ``f₂, y₂`` the fusing one's, ``μ_c`` class prototypes (means of the
 # stage-1 pooled training features), ``s̄`` the mean over all training samples of ``‖f − μ_y‖``, ``σ_c`` the same
 # mean over class ``c`` only, ``n_c`` the class's training count and ``n_max`` the largest count.

@@ -2,7 +2,7 @@
 
 Both act on ``(B, D)`` pooled vectors only, which is what lets stage 2 run on cached features: H2T's channel
 replacement commutes with channel-wise pooling, so a head fed fused pooled vectors computes exactly what it would
-on fused feature maps (METHODS.md §1.4).
+on fused feature maps (docs/methods.md).
 """
 
 from __future__ import annotations
