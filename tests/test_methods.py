@@ -205,3 +205,23 @@ def test_every_registered_method_is_documented() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_search_spaces_suggest_each_parameter_once_and_contain_the_recipe() -> None:
+    """Optuna returns the first value for a name suggested twice; the recipe must lie inside the searched range."""
+    import optuna
+
+    for name in list_methods():
+        cls = get_method(name)
+        if not cls.__module__.startswith("pih2t_hub."):
+            continue
+        seen: list[str] = []
+        study = optuna.create_study()
+        trial = study.ask()
+        original = trial._suggest
+        trial._suggest = lambda n, d: (seen.append(n), original(n, d))[1]  # type: ignore[method-assign]
+        cls.search_space(trial)
+        assert len(seen) == len(set(seen)), f"{name} suggests {seen}"
+        if cls.recipe is not None:
+            low, high, step = cls.epoch_range
+            assert low <= cls.recipe.epochs <= high and (cls.recipe.epochs - low) % step == 0, name

@@ -116,14 +116,20 @@ class Method:
         milestones = [max(1, round(m * epochs)) for m in recipe.milestones]
         return warmup_multistep(lr, min(recipe.warmup, max(epochs - 1, 0)), milestones, recipe.gamma)
 
+    epoch_range: ClassVar[tuple[int, int, int]] = (5, 40, 5)  # (low, high, step) of the searched stage-2 epochs
+
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
-        """Config overrides for one Optuna trial; the base space is the optimiser's (lr, weight decay, epochs)."""
+        """Config overrides for one Optuna trial; the base space is the optimiser's (lr, weight decay, epochs).
+
+        A parameter name is suggested once per trial (Optuna returns the first value for a repeated name), so a
+        method that needs another epoch range sets ``epoch_range`` instead of suggesting the epochs again."""
         if cls.recipe is None:
             return {}
+        low, high, step = cls.epoch_range
         return {"stage2_lr": trial.suggest_float("stage2_lr", 1e-3, 1.0, log=True),
                 "stage2_weight_decay": trial.suggest_float("stage2_weight_decay", 1e-6, 1e-2, log=True),
-                "stage2_epochs": trial.suggest_int("stage2_epochs", 5, 40, step=5)}
+                "stage2_epochs": trial.suggest_int("stage2_epochs", low, high, step=step)}
 
     # ------------------------------------------------------------------ the pieces of stage 2
     def make_sampler(self, labels: torch.Tensor, seed: int) -> Any:

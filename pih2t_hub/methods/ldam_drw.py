@@ -21,9 +21,8 @@ class LDAMDRW(LossMethod):
                     source="LDAM-DRW official CIFAR recipe: 200 epochs, lr 0.1 with 5 warm-up epochs, x0.01 at "
                            "epochs 160 and 180, batch 128, weight decay 2e-4, DRW from epoch 160")
 
+    epoch_range = (20, 200, 20)  # around its 200-epoch recipe
+
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
-        space = super().search_space(trial)
-        space["stage2_epochs"] = trial.suggest_int("stage2_epochs", 20, 200, step=20)
-        space["loss_kwargs"] = {"max_m": trial.suggest_float("max_m", 0.1, 1.0)}
-        return space
+        return {**super().search_space(trial), "loss_kwargs": {"max_m": trial.suggest_float("max_m", 0.1, 1.0)}}
