@@ -11,6 +11,7 @@ Both stages go through :func:`pih2t_hub.training.loop.train_loop`; what differs 
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 from pathlib import Path
@@ -37,10 +38,10 @@ from ..evaluation.metrics import longtail_metrics
 from ..losses import build_loss
 from ..models.factory import create_model
 from ..models.pih2t.fusion import PrototypeDistance, class_prototypes, h2t_fuse, h2tf_fuse
-from .checkpoint import write_atomic_json
 from .config import RunConfig
 from .loop import GeneratorState, SeededFetch, cosine_per_epoch, load_best, train_loop
 from .methods import MethodSpec, get_method
+from .record import recorded_config, resolve_mixed_precision, used_image_size
 from .steps import cached_fused_features, online_fused_features
 
 SUMMARY_KEYS = ("overall", "balanced", "many", "medium", "few", "ece")
@@ -154,7 +155,18 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | None = None) -> dict[str, Any]:
-    """Execute a run and return its results (also written to ``<output_dir>/results.json``)."""
+    """Execute a run and return its results (also written to ``<output_dir>/results.json``).
+
+    The output directory is locked for the whole run and ``--resume`` is checked against the checkpoints' config
+    first (:func:`pih2t_hub.training.resume.run_guard`).
+    """
+    from .resume import run_guard
+
+    with run_guard(cfg):
+        return _run(cfg, accelerator, stop_after_steps)
+
+
+def _run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | None = None) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -167,9 +179,9 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     if cfg.report_to:  # accelerate trackers (e.g. tensorboard): every epoch record goes through accelerator.log
         accelerator.init_trackers("pih2t", config={k: v for k, v in cfg.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))})
-    if accelerator.is_main_process:
+    used_precision = resolve_mixed_precision(accelerator, cfg.mixed_precision)  # recorded: what really ran
+    if accelerator.is_main_process:  # the config itself is recorded with the outputs, at the end (what ran)
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "run_config.yaml")
     accelerator.wait_for_everyone()
 
     data = load_splits(cfg)  # seeded explicitly by cfg.seed; touches no global RNG
@@ -195,7 +207,8 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     fusion_state = {"fusion_generator": GeneratorState(fusion_gen)}  # checkpointed by train_loop (safetensors)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     results: dict[str, Any] = {"method": spec.name, "global_batch": global_batch, "num_processes":
-                               accelerator.num_processes, "class_counts": counts.tolist()}
+                               accelerator.num_processes, "class_counts": counts.tolist(),
+                               "image_size": used_image_size(dc), "mixed_precision": used_precision}
     label_col, image_col = data["label_column"], cfg.image_column
 
     def images(split: str, train: bool):
@@ -340,7 +353,8 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
             results["last_epoch_val"] = {k[4:]: v for k, v in stage2_state.history[-1].items() if k.startswith("val_")}
     results["table"] = rows
     if accelerator.is_main_process:
-        _write_outputs(cfg, model, results, counts, out)
+        recorded = recorded_config(cfg, image_size=results["image_size"], mixed_precision=used_precision)
+        _write_outputs(recorded, model, results, counts, out)
     accelerator.wait_for_everyone()
     accelerator.print(format_table(rows))
     accelerator.print(f"model, card and plot written to {out / 'model'}")
@@ -569,39 +583,51 @@ def _run_dlsa(cfg: RunConfig, feats, counts, head, results) -> dict[str, float]:
 
 
 def _write_outputs(cfg: RunConfig, model: nn.Module, results: dict[str, Any], counts: np.ndarray, out: Path) -> None:
-    """Model folder (weights, config, processor, code), results JSON, frequency plot, model card."""
-    model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    write_atomic_json(out / "results.json", results)
-    try:
+    """Model folder (weights, config, processor, code, plot, card), results JSON and the recorded config, written
+    as one unit (:func:`pih2t_hub.hub.save.save_run_outputs`): a failed save leaves the previous outputs intact."""
+    import yaml
+
+    from ..hub.save import save_run_outputs
+
+    plot = "accuracy_vs_frequency.png"
+    extra: dict[str, Any] = {}
+    if "per_class" in results:
         from ..evaluation.plots import plot_accuracy_vs_frequency
 
-        if "per_class" in results:
-            plot_accuracy_vs_frequency({results["method"]: np.asarray(results["per_class"])}, counts,
-                                       model_dir / "accuracy_vs_frequency.png")
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        pass
+        extra[plot] = lambda path: plot_accuracy_vs_frequency(
+            {results["method"]: np.asarray(results["per_class"])}, counts, path)
     if "test" in results:
-        from ..hub.model_card import render_model_card, write_model_card
-
-        hparams = {k: getattr(cfg, k) for k in ("fusion_ratio", "h2tf_mode", "stage1_mode", "stage2_mode", "shift_bn",
-                                                 "stage1_epochs", "stage1_lr", "lr", "weight_decay", "momentum",
-                                                 "batch_size", "mixup_alpha", "loss_kwargs")}
-        card_cfg = {**cfg.to_dict(), "global_batch_size": results["global_batch"], "hyperparameters": hparams,
-                    "hardware": f"{results['num_processes']} process(es), {platform.machine()}, torch {torch.__version__}",
-                    "backbone_tag": model.config.backbone_tag, "class_counts": counts.tolist()}
-        try:
-            card = render_model_card(card_cfg, results["test"], plot_path="accuracy_vs_frequency.png",
-                                     allow_empty_groups=True)
-            write_model_card(card, model_dir)
-        except (TypeError, ValueError) as err:  # a group without classes (e.g. no few-shot class) etc.
-            print(f"model card not written: {err}")
+        card = _render_card(cfg, model, results, counts, plot if plot in extra else None)
+        if card is not None:
+            extra["README.md"] = card
+    side = {"results.json": json.dumps(results, indent=2, sort_keys=True, default=str),
+            "run_config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)}
+    model_dir = save_run_outputs(out, model, extra_files=extra, side_files=side)
     if cfg.push_to_hub:
         from ..hub.push import push_to_hub
 
         # the folder's README.md is the card rendered above; push_to_hub validates everything before uploading
         push_to_hub(model_dir, cfg.hub_model_id, allow_empty_groups=True)
         print(f"pushed {model_dir} to the Hub as {cfg.hub_model_id}")
+
+
+def _render_card(cfg: RunConfig, model: nn.Module, results: dict[str, Any], counts: np.ndarray,
+                 plot: str | None) -> str | None:
+    """The model card's text, or None (with the reason printed) when the results cannot fill it."""
+    from ..hub.model_card import render_model_card
+
+    hparams = {k: getattr(cfg, k) for k in ("fusion_ratio", "h2tf_mode", "stage1_mode", "stage2_mode", "shift_bn",
+                                             "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr",
+                                             "weight_decay", "stage2_weight_decay", "momentum", "batch_size",
+                                             "stage2_batch_size", "mixup_alpha", "loss_kwargs")}
+    card_cfg = {**cfg.to_dict(), "global_batch_size": results["global_batch"], "hyperparameters": hparams,
+                "hardware": f"{results['num_processes']} process(es), {platform.machine()}, torch {torch.__version__}",
+                "backbone_tag": model.config.backbone_tag, "class_counts": counts.tolist()}
+    try:
+        return str(render_model_card(card_cfg, results["test"], plot_path=plot, allow_empty_groups=True))
+    except (TypeError, ValueError) as err:  # a group without classes (e.g. no few-shot class) etc.
+        print(f"model card not written: {err}")
+        return None
 
 
 __all__ = ["run", "load_splits", "format_table", "make_fusion", "predict_logits"]
