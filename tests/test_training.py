@@ -492,7 +492,7 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path
                                  "--output-dir", str(out)], cwd=ROOT, env=env, stdout=sink,
                                 stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a loaded 2-core machine needs minutes to get there
         while not marker.exists():  # poll the checkpoint folder's progress
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the run never reached stage-2 checkpoint 12"

@@ -26,8 +26,8 @@ def looks_like_path(name: str) -> bool:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
-                                                                                       "HF_DATASETS_OFFLINE"))
+    """The Hub is switched off (``HF_HUB_OFFLINE``): a name that is not a local folder cannot be a Hub repo."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _check_dataset(cfg: RunConfig) -> None:
