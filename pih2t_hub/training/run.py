@@ -33,7 +33,8 @@ from ..data.samplers import (
 )
 from ..data.sources import load_dataset_any
 from ..data.splits import balanced_holdout, stratified_split
-from ..data.transforms import apply_transform, build_transform
+from ..data.labels import encode_string_labels
+from ..data.transforms import apply_transform, build_transform, drop_unreadable
 from ..evaluation.metrics import longtail_metrics
 from ..losses import build_loss
 from ..models.factory import create_model
@@ -54,10 +55,13 @@ def load_splits(cfg: RunConfig) -> dict[str, Any]:
     """Train (long-tailed), validation (carved from it, stratified) and a balanced test split."""
     train_pool = load_dataset_any(cfg.dataset, split="train")
     label_col = resolve_label_column(train_pool, cfg.label_column)
+    train_pool = encode_string_labels(train_pool, label_col)  # string labels: ids from the train split's names
     try:
         test = load_dataset_any(cfg.dataset, split="test")
     except (ValueError, KeyError, FileNotFoundError):
         test = None  # no test split: hold out a balanced one before making the training set long-tailed
+    if test is not None:
+        test = encode_string_labels(test, label_col, names=train_pool.features[label_col].names)
     if test is None:
         labels = np.asarray(train_pool[label_col])
         rest, test_idx = balanced_holdout(labels, cfg.test_per_class, seed=cfg.seed)
@@ -74,13 +78,19 @@ def load_splits(cfg: RunConfig) -> dict[str, Any]:
     num_classes = int(lt_labels.max()) + 1
     feature = lt_ds.features[label_col]
     num_classes = max(num_classes, getattr(feature, "num_classes", 0) or 0)
+    skipped: dict[str, list] = {}
+    if cfg.skip_unreadable_images:  # decode every image once; the class counts below are of the kept rows
+        lt_ds, skipped["train"] = drop_unreadable(lt_ds, cfg.image_column)
+        test, skipped["test"] = drop_unreadable(test, cfg.image_column)
+        lt_labels = np.asarray(lt_ds[label_col])
     keep, val_idx = stratified_split(lt_labels, cfg.val_fraction, seed=cfg.seed)
     train, val = lt_ds.select(keep), lt_ds.select(val_idx)
     counts = np.bincount(lt_labels[keep], minlength=num_classes)
     names = getattr(train.features[label_col], "names", None) or [str(i) for i in range(num_classes)]
     return {"train": train, "val": val, "test": test, "label_column": label_col, "class_counts": counts,
             "id2label": dict(enumerate(names)), "num_classes": num_classes,
-            "lt_counts": np.bincount(lt_labels, minlength=num_classes).tolist()}
+            "lt_counts": np.bincount(lt_labels, minlength=num_classes).tolist(),
+            "skipped_images": {split: len(rows) for split, rows in skipped.items()}}
 
 
 def _encode_labels(ds: Any, column: str) -> Any:
@@ -208,7 +218,8 @@ def _run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int |
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     results: dict[str, Any] = {"method": spec.name, "global_batch": global_batch, "num_processes":
                                accelerator.num_processes, "class_counts": counts.tolist(),
-                               "image_size": used_image_size(dc), "mixed_precision": used_precision}
+                               "image_size": used_image_size(dc), "mixed_precision": used_precision,
+                               "skipped_images": data["skipped_images"]}
     label_col, image_col = data["label_column"], cfg.image_column
 
     def images(split: str, train: bool):
