@@ -361,3 +361,29 @@ def test_cli_report_to_tensorboard_logs_every_epoch(tmp_path: Path) -> None:
     tags = set(acc.Tags()["scalars"])
     assert {"loss", "lr", "val_balanced"} <= tags
     assert len(acc.Scalars("val_balanced")) == 4  # 2 stage-1 epochs + 2 stage-2 epochs
+
+
+def test_string_label_column_works_end_to_end(tmp_path: Path) -> None:
+    """An image folder whose classes are a string metadata column (not sub-folders): encoded with the train
+    split's sorted names, carried into the model's id2label, and every class evaluated."""
+    from PIL import Image
+
+    folder = tmp_path / "pets"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["file_name,species"]
+    for c, name in enumerate(["emu", "cat", "dog"]):  # not in sorted order on purpose
+        for i in range(30):
+            image = np.clip(rng.normal(60 + 70 * c, 20, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / f"{name}{i}.png")
+            rows.append(f"{name}{i}.png,{name}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    results = _run_cli(["--backbone", "test_resnet", "--pretrained", "false", "--dataset", str(folder),
+                        "--label-column", "species", "--image-size", "32", "--max-per-class", "20",
+                        "--imbalance-ratio", "2", "--test-per-class", "5", "--method", "ce", "--stage1-epochs", "1",
+                        "--stage2-epochs", "1", "--batch-size", "16", "--output-dir", str(out)])
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "emu"}
+    assert len(results["per_class"]) == 3 and sum(results["class_counts"]) > 0
+    assert results["test"]["overall"] * 15 == pytest.approx(round(results["test"]["overall"] * 15))  # 3 x 5 images
