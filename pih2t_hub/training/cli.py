@@ -160,8 +160,7 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
 
             run(cfg)
     except KeyboardInterrupt:
-        print("interrupted; the last completed step is checkpointed: rerun with --resume to continue",
-              file=sys.stderr)
+        print("interrupted: rerun with --resume to continue from the newest checkpoint", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
         if debug:

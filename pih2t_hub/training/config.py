@@ -10,7 +10,9 @@ wrong type or an out-of-range flag is refused in one line before any data is rea
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +138,9 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+            close = sorted({m for k in unknown for m in difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.6)})
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; valid keys: {sorted(known)}"
+            raise ConfigError(f"unknown config keys {unknown}{hint}")
         return cls(**data)
 
     @classmethod
@@ -164,8 +168,7 @@ _KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a st
 def _expected(name: str) -> tuple[type, bool]:
     """``(base type, optional)`` of a field from its annotation."""
     hint = typing.get_type_hints(RunConfig)[name]
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"),
-                                                                                       "UnionType", None)) else ()
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint)
     return typing.get_origin(base) or base, optional
