@@ -172,6 +172,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     """
     from .resume import run_guard
 
+    cfg.validate()  # before the guard touches the output directory
     with run_guard(cfg):
         return _run(cfg, accelerator, stop_after_steps)
 
