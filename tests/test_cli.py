@@ -201,22 +201,89 @@ def test_cli_none_overrides_default(tmp_path: Path) -> None:
     assert finetune.resolve_config([]).max_per_class == 300  # not given: the default stays
 
 
-@pytest.mark.parametrize("argv, error", [
-    (["--stage", "3"], ValueError),
-    (["--stage1-mode", "frozen"], ValueError),
-    (["--imbalance-ratio", "0.5"], ValueError),
-    (["--push-to-hub"], ValueError),
-    (["--config", "no_such_recipe"], SystemExit),
-    (["--resume", "maybe"], SystemExit),
+@pytest.mark.parametrize("argv, match", [
+    (["--stage", "3"], "argument --stage: invalid choice"),
+    (["--stage1-mode", "frozen"], "argument --stage1-mode: invalid choice"),
+    (["--imbalance-ratio", "0.5"], "imbalance_ratio must be finite and >= 1"),
+    (["--push-to-hub"], "--push-to-hub needs --hub-model-id"),
+    (["--config", "no_such_recipe"], "recipe 'no_such_recipe' not found"),
+    (["--resume", "maybe"], "argument --resume"),
 ])
-def test_cli_rejects_bad_input(argv: list[str], error: type, capsys) -> None:
-    with pytest.raises(error):
+def test_cli_rejects_bad_input(argv: list[str], match: str) -> None:
+    from pih2t_hub.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
         finetune.resolve_config(argv)
 
 
-def test_cli_unknown_method_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown method"):
-        finetune.main(TINY + ["--method", "h2tt", "--output-dir", str(tmp_path / "x")])
+def test_cli_unknown_method_is_reported(tmp_path: Path, capsys) -> None:
+    assert finetune.main(TINY + ["--method", "h2tt", "--output-dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown method 'h2tt'")
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_help_documents_every_flag_in_groups(capsys) -> None:
+    import dataclasses
+
+    from pih2t_hub.training.config import GROUPS, RunConfig
+
+    assert finetune.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for group in GROUPS:
+        assert f"\n{group}:\n" in text
+    parser = finetune.build_parser()
+    flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in flags and flags[flag].help, flag
+        assert flag in text
+    assert flags["--stage"].choices == ("1", "2", "both") and "(default: both)" in text
+    assert "--stage1-epochs" in text and "--stage2-epochs" in text and "--epochs " not in text
+
+
+def test_failed_save_on_a_rerun_keeps_the_previous_outputs(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A full disk while a rerun saves into an existing output dir: the old model folder, results and config stay
+    and the old model predicts exactly as before (the rerun used to mix its config.json with the old weights)."""
+    import errno
+    import hashlib
+    import warnings
+
+    out = tmp_path / "run"
+    base = TINY + ["--stage1-epochs", "1", "--stage2-epochs", "1", "--batch-size", "64", "--method", "ce",
+                   "--output-dir", str(out)]
+    from accelerate.state import AcceleratorState
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            first = _run_cli(base + ["--mixed-precision", "fp16"])
+        finally:  # accelerate keeps one mixed-precision setting per process; the runs after this one use "no"
+            AcceleratorState._reset_state(True)
+    # fp16 on a CPU computes in float32 (accelerate): recorded as what ran, with a warning
+    assert first["mixed_precision"] == "no" and first["image_size"] == 32
+    assert any("--mixed-precision fp16 is not supported on cpu" in str(w.message) for w in caught)
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["mixed_precision"] == "no"
+    digest = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+              if p.is_file() and "checkpoints" not in p.parts and "features" not in p.parts}
+    preds_before, _ = _reloaded_test_predictions(out)
+
+    import transformers.modeling_utils as mu
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(mu, "safe_save_file", full_disk)
+    capsys.readouterr()
+    assert finetune.main(base[:-4] + ["--method", "crt", "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip()  # progress bars, then the error as the last line
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [err.splitlines()[-1]]
+    assert "No space left on device" in err.splitlines()[-1] and "Traceback" not in err
+    after = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+             if p.is_file() and "checkpoints" not in p.parts and "features" not in p.parts}
+    assert after == digest
+    preds_after, _ = _reloaded_test_predictions(out)
+    np.testing.assert_array_equal(preds_after, preds_before)
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -287,6 +354,8 @@ def test_cli_push_to_hub_uploads_the_validated_model_folder(tmp_path: Path, monk
             return "ok"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")  # the CLI checks for one up front
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # (the recording API sends nothing)
     out = tmp_path / "run"
     _run_cli(TINY + ["--method", "h2t", "--stage1-epochs", "1", "--stage2-epochs", "1", "--batch-size", "32",
                      "--push-to-hub", "--hub-model-id", "me/h2t-digits-lt", "--output-dir", str(out)])
@@ -331,3 +400,29 @@ def test_cli_export_timm_gives_the_same_logits(tmp_path: Path, method: str, shar
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(plain(x), ours(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_string_label_column_works_end_to_end(tmp_path: Path) -> None:
+    """An image folder whose classes are a string metadata column (not sub-folders): encoded with the train
+    split's sorted names, carried into the model's id2label, and every class evaluated."""
+    from PIL import Image
+
+    folder = tmp_path / "pets"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["file_name,species"]
+    for c, name in enumerate(["emu", "cat", "dog"]):  # not in sorted order on purpose
+        for i in range(30):
+            image = np.clip(rng.normal(60 + 70 * c, 20, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(folder / f"{name}{i}.png")
+            rows.append(f"{name}{i}.png,{name}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    results = _run_cli(["--backbone", "test_resnet", "--pretrained", "false", "--dataset", str(folder),
+                        "--label-column", "species", "--image-size", "32", "--max-per-class", "20",
+                        "--imbalance-ratio", "2", "--test-per-class", "5", "--method", "ce", "--stage1-epochs", "1",
+                        "--stage2-epochs", "1", "--batch-size", "16", "--output-dir", str(out)])
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "emu"}
+    assert len(results["per_class"]) == 3 and sum(results["class_counts"]) > 0
+    assert results["test"]["overall"] * 15 == pytest.approx(round(results["test"]["overall"] * 15))  # 3 x 5 images

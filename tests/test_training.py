@@ -209,8 +209,12 @@ def _toy_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def toy_run(ckpt: Path | None, *, epochs: int = 3, checkpoint_every: int = 3, resume: bool | str = False,
-            stop: int | None = None, interrupt_at: int | None = None, grad_accum: int = 1):
-    """A run whose steps use dropout (global RNG) and noise from a checkpointed generator."""
+            stop: int | None = None, interrupt_at: int | None = None, grad_accum: int = 1,
+            sigint_at: int | None = None, sigints: int = 1):
+    """A run whose steps use dropout (global RNG) and noise from a checkpointed generator.
+
+    ``interrupt_at``: raise KeyboardInterrupt at the start of that step; ``sigint_at``: send ``sigints`` SIGINTs to
+    this process in the middle of that step, after it drew its noise (where a Ctrl-C typically lands)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -231,6 +235,9 @@ def toy_run(ckpt: Path | None, *, epochs: int = 3, checkpoint_every: int = 3, re
         calls["n"] += 1
         xb, yb = batch
         xb = F.dropout(xb + 0.1 * torch.randn(xb.shape, generator=noise), p=0.3, training=True)
+        if sigint_at is not None and calls["n"] == sigint_at + 1:
+            for _ in range(sigints):
+                os.kill(os.getpid(), signal.SIGINT)
         return F.cross_entropy(model(xb), yb)
 
     def evaluate(_epoch):
@@ -348,16 +355,35 @@ def test_explicit_corrupt_checkpoint_leaves_the_model_untouched(tmp_path: Path) 
     _assert_same(accelerator.unwrap_model(model).state_dict(), before)
 
 
-def test_ctrl_c_writes_a_usable_checkpoint(toy_reference, tmp_path: Path) -> None:
+def test_ctrl_c_mid_step_checkpoints_the_completed_step_and_resumes_bitwise(toy_reference, tmp_path: Path) -> None:
+    """SIGINT lands inside the 14th step after its noise draw: the step completes, checkpoint-14 is written.
+
+    Before, the KeyboardInterrupt left the step half-done and the checkpoint stored step 13's counters with the
+    generator already advanced by step 14's draw, so the resumed run drew other noise from then on."""
     ref_state, ref_last, ref_best = toy_reference
     with pytest.raises(KeyboardInterrupt):
-        toy_run(tmp_path, checkpoint_every=0, interrupt_at=13)  # inside the 14th step (epoch 1, batch 5)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-13"]
-    saved = verify_checkpoint(tmp_path / "checkpoint-13")
-    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 5, 13)
+        toy_run(tmp_path, checkpoint_every=0, sigint_at=13)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-14"]
+    saved = verify_checkpoint(tmp_path / "checkpoint-14")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 6, 14)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop gave SIGINT back
     state, last, best = toy_run(tmp_path, checkpoint_every=0, resume=True)
     _assert_same(last, ref_last)
     _assert_same(best, ref_best)
+    assert state.history == ref_state.history
+
+
+@pytest.mark.parametrize("how", ["second_ctrl_c", "raised_in_step"])
+def test_interrupt_that_cannot_finish_the_step_writes_no_checkpoint(toy_reference, tmp_path: Path, how) -> None:
+    """A second Ctrl-C (or a KeyboardInterrupt raised inside the step) stops at once; the newest sealed checkpoint
+    (the epoch end, 8) is the one to resume from, and the resume is still exact."""
+    ref_state, ref_last, _ = toy_reference
+    kwargs = dict(sigint_at=13, sigints=2) if how == "second_ctrl_c" else dict(interrupt_at=13)
+    with pytest.raises(KeyboardInterrupt):
+        toy_run(tmp_path, checkpoint_every=0, **kwargs)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-8"]
+    state, last, _ = toy_run(tmp_path, checkpoint_every=0, resume=True)
+    _assert_same(last, ref_last)
     assert state.history == ref_state.history
 
 
@@ -468,7 +494,7 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path
                                  "--output-dir", str(out)], cwd=ROOT, env=env, stdout=sink,
                                 stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a loaded 2-core machine needs minutes to get there
         while not marker.exists():  # poll the checkpoint folder's progress
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the run never reached stage-2 checkpoint 12"
@@ -488,12 +514,137 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path
     saved = verify_checkpoint(stage2 / "checkpoint-10")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 3)  # mid-epoch
 
-    done = subprocess.run([sys.executable, "recipes/finetune.py", *argv, "--output-dir", str(out), "--resume", "true"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # the killed run could not release its lock: a rerun names it as stale and refuses without --force-unlock
+    resume = [sys.executable, "recipes/finetune.py", *argv, "--output-dir", str(out), "--resume", "true"]
+    refused = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
+    assert refused.stderr.startswith(f"error: stale lock in {out}: pid {proc.pid} ") and "--force-unlock" in refused.stderr
+    assert "is no longer running" in refused.stderr
+    done = subprocess.run(resume + ["--force-unlock"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "taken over (--force-unlock)" in done.stdout
     assert f"resumed from {stage2 / 'checkpoint-10'} (epoch 1, step 3)" in done.stdout
     _same_weights(ref_out / "model" / "model.safetensors", out / "model" / "model.safetensors")
     ref, got = (json.loads((d / "results.json").read_text()) for d in (ref_out, out))
+    _same_json(got["stage2"], ref["stage2"])
+    _same_json(got["test"], ref["test"])
+
+
+# A CLI run that blocks inside stage-2 fusion call <BLOCK> (after that step drew its channels) until a release file
+# appears: a second run can try the locked directory meanwhile, or a SIGINT can land mid-step.
+BLOCK_WRAPPER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    recipes, marker, release, block, argv = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
+    sys.path.insert(0, recipes)
+    import finetune
+    import pih2t_hub.training.run as run
+    fuse, calls = run.h2t_fuse, [0]
+    def blocking_fuse(*args, **kwargs):
+        out = fuse(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == block:
+            marker.write_text(str(os.getpid()))
+            while not release.exists():
+                time.sleep(0.05)
+        return out
+    run.h2t_fuse = blocking_fuse
+    sys.exit(finetune.main(argv))
+""")
+CACHED_H2T = TINY + ["--method", "h2t", "--stage1-mode", "linear", "--stage2-mode", "cached", "--stage1-epochs", "1",
+                     "--stage2-epochs", "2", "--batch-size", "32"]  # stage 2: 7 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def cached_h2t_reference(tmp_path_factory) -> Path:
+    """The uninterrupted run of CACHED_H2T, in this process."""
+    out = tmp_path_factory.mktemp("cached_ref") / "run"
+    assert _load_recipe().main(CACHED_H2T + ["--output-dir", str(out)]) == 0
+    return out
+
+
+def _start_blocked(tmp_path: Path, out: Path, block: int) -> tuple[subprocess.Popen, Path, Path]:
+    """Start CACHED_H2T into ``out`` in a subprocess; return once it is blocked in stage-2 fusion call ``block``."""
+    wrapper, marker, release = tmp_path / "block_wrapper.py", tmp_path / "blocked", tmp_path / "release"
+    wrapper.write_text(BLOCK_WRAPPER)
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(tmp_path / "blocked.log", "wb") as sink:
+        proc = subprocess.Popen([sys.executable, str(wrapper), str(ROOT / "recipes"), str(marker), str(release),
+                                 str(block), *CACHED_H2T, "--output-dir", str(out)], cwd=ROOT, env=env, stdout=sink,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail((tmp_path / "blocked.log").read_text(errors="replace")[-3000:])
+        time.sleep(0.1)
+    return proc, release, tmp_path / "blocked.log"
+
+
+def _finish(proc: subprocess.Popen, release: Path) -> int:
+    release.write_text("go")
+    try:
+        return proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_second_run_into_a_locked_output_dir_exits_at_once_and_the_first_is_untouched(
+        tmp_path: Path, cached_h2t_reference: Path, capsys) -> None:
+    out = tmp_path / "run"
+    proc, release, log = _start_blocked(tmp_path, out, block=3)
+    try:
+        capsys.readouterr()
+        t0 = time.monotonic()
+        code = _load_recipe().main(TINY + ["--method", "crt", "--seed", "3", "--output-dir", str(out)])
+        elapsed = time.monotonic() - t0
+        err = capsys.readouterr().err.strip()
+    finally:
+        code_first = _finish(proc, release)
+    assert code == 2 and elapsed < 5, (code, elapsed)
+    assert err.splitlines() == [err] and err.startswith(f"error: output directory {out} is locked by pid {proc.pid} ")
+    assert code_first == 0, log.read_text(errors="replace")[-3000:]
+    # the first run's outputs are exactly those of the same run alone
+    _same_weights(cached_h2t_reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
+    ref, got = (json.loads((d / "results.json").read_text()) for d in (cached_h2t_reference, out))
+    _same_json(got["test"], ref["test"])
+    assert yaml_load(out / "run_config.yaml")["method"] == "h2t"
+    assert json.loads((out / "checkpoints" / "run_config.json").read_text())["seed"] == 0
+    assert not (out / ".pih2t.lock").exists()  # released on exit
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_sigint_mid_step_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cached_h2t_reference) -> None:
+    """Ctrl-C (SIGINT from outside) while stage-2 step 10 is half-way, after its fusion draw: the CLI finishes the
+    step, writes checkpoint-10, releases the lock and exits 130; --resume then ends bitwise on the reference."""
+    out = tmp_path / "run"
+    proc, release, log = _start_blocked(tmp_path, out, block=10)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(1.0)  # let the handler run while the step is still blocked
+    assert _finish(proc, release) == 130, log.read_text(errors="replace")[-3000:]
+    printed = log.read_text(errors="replace")
+    assert "finishing the current step" in printed and "rerun with --resume" in printed
+    stage2 = out / "checkpoints" / "stage2"
+    assert [p.name for p in list_checkpoints(stage2)] == ["checkpoint-7", "checkpoint-10"]
+    saved = verify_checkpoint(stage2 / "checkpoint-10")
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 3, 10)
+    assert not (out / ".pih2t.lock").exists()
+
+    env = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run([sys.executable, "recipes/finetune.py", *CACHED_H2T, "--output-dir", str(out), "--resume"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {stage2 / 'checkpoint-10'} (epoch 1, step 3)" in done.stdout
+    _same_weights(cached_h2t_reference / "model" / "model.safetensors", out / "model" / "model.safetensors")
+    ref, got = (json.loads((d / "results.json").read_text()) for d in (cached_h2t_reference, out))
     _same_json(got["stage2"], ref["stage2"])
     _same_json(got["test"], ref["test"])
 
@@ -529,7 +680,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     accuracy-based metrics equal exactly (ECE within 1e-6).
     """
     argv = TINY + ["--method", "crt", "--stage1-mode", "linear", "--stage2-mode", "cached", "--imbalance-ratio", "5",
-                   "--stage1-epochs", "2", "--stage2-epochs", "2", "--stage1-lr", "2.0", "--lr", "0.5"]
+                   "--stage1-epochs", "2", "--stage2-epochs", "2", "--stage1-lr", "2.0", "--stage2-lr", "0.5"]
     one, two, dump = tmp_path / "one", tmp_path / "two", tmp_path / "dump"
     dump.mkdir()
     wrapper = tmp_path / "rank_wrapper.py"

@@ -106,3 +106,84 @@ def test_errors():
         build_transform(CFG, input_size="big")
     with pytest.raises(TypeError, match="not a label column"):
         apply_transform(ds, CFG, label_column="score")
+
+
+# ---------------------------------------------------------------------------------------------- bit depths, files
+
+
+def _constant_after_eval(image) -> torch.Tensor:
+    """The per-channel value a constant image has after the eval transform (CFG normalisation)."""
+    out = build_transform(CFG, train=False)(image)
+    assert torch.allclose(out.amax(dim=(1, 2)), out.amin(dim=(1, 2)))
+    return out.mean(dim=(1, 2))
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG at 51400/65535 is grey level 200/255 (51400 = 200 * 257); convert("RGB") clipped it to 255."""
+    path = tmp_path / "grey16.png"
+    PILImage.fromarray(np.full((40, 40), 51400, dtype=np.uint16)).save(path)
+    image = PILImage.open(path)
+    assert image.mode.startswith("I")  # "I;16" (Pillow >= 10) or "I"
+    want = expected_constant(200, CFG["mean"], CFG["std"])
+    assert torch.allclose(_constant_after_eval(image), want, atol=1e-5)
+    clipped = expected_constant(255, CFG["mean"], CFG["std"])
+    assert not torch.allclose(want, clipped, atol=1e-2)
+
+
+@pytest.mark.parametrize("make, level", [
+    (lambda: PILImage.fromarray(np.full((40, 40), 257 * 77, dtype=np.int32), mode="I"), 77),
+    (lambda: PILImage.fromarray(np.full((40, 40), 0.6, dtype=np.float32), mode="F"), 153),  # 0.6 * 255
+    (lambda: np.full((40, 40), 257 * 10, dtype=np.uint16), 10),
+    (lambda: np.full((40, 40, 3), 0.2, dtype=np.float64), 51),
+    (lambda: np.ones((40, 40), dtype=bool), 255),
+    (lambda: torch.full((3, 40, 40), 90, dtype=torch.uint8), 90),  # C x H x W, as torchvision tensors are
+    (lambda: torch.full((40, 40, 1), 90, dtype=torch.uint8), 90),
+])
+def test_high_bit_depth_modes_and_arrays_become_8_bit_rgb(make, level):
+    assert torch.allclose(_constant_after_eval(make()), expected_constant(level, CFG["mean"], CFG["std"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("array, match", [
+    (np.full((8, 8), 1.5, dtype=np.float32), r"float image must hold values in \[0, 1\]"),
+    (np.full((8, 8), np.nan, dtype=np.float32), "non-finite"),
+    (np.full((8, 8), -3, dtype=np.int16), "must lie in 0..65535"),
+])
+def test_out_of_range_values_are_refused_not_clipped(array, match):
+    with pytest.raises(ValueError, match=match):
+        build_transform(CFG)(array)
+
+
+def _files_dataset(tmp_path, names):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"image": [str(tmp_path / n) for n in names], "label": [0, 1, 0][:len(names)]},
+                             features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}))
+
+
+def _write_images(tmp_path):
+    good = tmp_path / "good.jpg"
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "not_an_image.png").write_bytes(b"hello")
+    return ["good.jpg", "truncated.jpg", "not_an_image.png"]
+
+
+def test_an_unreadable_file_is_named_in_the_error(tmp_path):
+    from pih2t_hub.data.transforms import UnreadableImageError
+
+    ds = apply_transform(_files_dataset(tmp_path, _write_images(tmp_path)), CFG)
+    assert ds[0]["pixel_values"].shape == (3, 32, 32)
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {tmp_path / 'truncated.jpg'}"):
+        ds[1]
+    with pytest.raises(UnreadableImageError, match="not_an_image.png"):  # through a loader's batched fetch
+        next(iter(DataLoader(ds.select([0, 2]), batch_size=2)))
+
+
+def test_drop_unreadable_skips_and_reports_them(tmp_path):
+    from pih2t_hub.data.transforms import drop_unreadable
+
+    kept, bad = drop_unreadable(_files_dataset(tmp_path, _write_images(tmp_path)))
+    assert len(kept) == 1 and kept[0]["image"].size == (32, 32)
+    assert [row for row, _ in bad] == [1, 2]
+    assert "truncated.jpg" in bad[0][1] and "not_an_image.png" in bad[1][1]

@@ -94,8 +94,10 @@ def resolve_label_column(ds, label_column: str | None = None) -> str:
         if len(found) == 1:
             return found[0]
         if not found:
+            hint = ("; an image folder needs one sub-folder per class (at least two classes) to get a label column"
+                    if list(features) == ["image"] else "")
             raise ValueError(
-                f"no ClassLabel column in the dataset (columns: {list(features)}); pass label_column=..."
+                f"no ClassLabel column in the dataset (columns: {list(features)}); pass label_column=...{hint}"
             )
         raise ValueError(f"several ClassLabel columns {found}; pass label_column=... to choose one")
     if label_column not in features:

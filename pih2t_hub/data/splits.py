@@ -57,15 +57,19 @@ def load_splits(cfg: Any) -> dict[str, Any]:
     is the dataset's own when it has one, else a balanced one held out *before* the training set is made
     long-tailed, so test images never appear in train or validation.
     """
+    from .labels import encode_string_labels
     from .longtail import make_long_tailed, resolve_label_column
     from .sources import load_dataset_any
 
     train_pool = load_dataset_any(cfg.dataset, split="train")
     label_col = resolve_label_column(train_pool, cfg.label_column)
+    train_pool = encode_string_labels(train_pool, label_col)  # string labels: ids from the train split's names
     try:
         test = load_dataset_any(cfg.dataset, split="test")
     except (ValueError, KeyError, FileNotFoundError):
         test = None  # no test split: hold out a balanced one before making the training set long-tailed
+    if test is not None:
+        test = encode_string_labels(test, label_col, names=train_pool.features[label_col].names)
     if test is None:
         labels = np.asarray(train_pool[label_col])
         rest, test_idx = balanced_holdout(labels, cfg.test_per_class, seed=cfg.seed)
@@ -82,13 +86,21 @@ def load_splits(cfg: Any) -> dict[str, Any]:
     num_classes = int(lt_labels.max()) + 1
     feature = lt_ds.features[label_col]
     num_classes = max(num_classes, getattr(feature, "num_classes", 0) or 0)
+    skipped: dict[str, list] = {}
+    if getattr(cfg, "skip_unreadable_images", False):  # decode every image once; counts below are of kept rows
+        from .transforms import drop_unreadable
+
+        lt_ds, skipped["train"] = drop_unreadable(lt_ds, cfg.image_column)
+        test, skipped["test"] = drop_unreadable(test, cfg.image_column)
+        lt_labels = np.asarray(lt_ds[label_col])
     keep, val_idx = stratified_split(lt_labels, cfg.val_fraction, seed=cfg.seed)
     train, val = lt_ds.select(keep), lt_ds.select(val_idx)
     counts = np.bincount(lt_labels[keep], minlength=num_classes)
     names = getattr(train.features[label_col], "names", None) or [str(i) for i in range(num_classes)]
     return {"train": train, "val": val, "test": test, "label_column": label_col, "class_counts": counts,
             "id2label": dict(enumerate(names)), "num_classes": num_classes,
-            "lt_counts": np.bincount(lt_labels, minlength=num_classes).tolist()}
+            "lt_counts": np.bincount(lt_labels, minlength=num_classes).tolist(),
+            "skipped_images": {split: len(rows) for split, rows in skipped.items()}}
 
 
 def _encode_labels(ds: Any, column: str) -> Any:

@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["ImageTransform", "apply_transform", "batch_transform", "build_transform", "resolve_image_column"]
+__all__ = ["ImageTransform", "UnreadableImageError", "apply_transform", "batch_transform", "build_transform",
+           "decode_image", "drop_unreadable", "resolve_image_column"]
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (truncated, not an image); the message names the file."""
 
 
 class ImageTransform:
@@ -43,21 +48,106 @@ class ImageTransform:
         return f"ImageTransform(rgb, {self.description})"
 
 
+# PIL modes whose values exceed 8 bits: ``convert("RGB")`` clips them at 255 (a 16-bit grey PNG became nearly white)
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_uint8(array, source: str):
+    """Values of an image array as uint8 RGB-ready grey levels, scaled by the range of their type (never clipped
+    silently): 8-bit as is, 16-bit (``uint16``, PIL ``I;16*`` / ``I``) divided by 257 so 65535 -> 255, booleans
+    0/255, floats in [0, 1] times 255. Values outside their type's range raise ``ValueError``."""
+    import numpy as np
+
+    array = np.asarray(array)
+    kind = array.dtype.kind
+    if array.dtype == np.uint8:
+        return array
+    if kind == "b":
+        return array.astype(np.uint8) * 255
+    if kind == "f":
+        finite = np.isfinite(array).all()
+        if not finite or array.min(initial=0) < 0 or array.max(initial=0) > 1:
+            raise ValueError(f"{source}: a float image must hold values in [0, 1] (got "
+                             f"{'non-finite values' if not finite else f'{array.min():g}..{array.max():g}'})")
+        return np.rint(array * 255.0).astype(np.uint8)
+    if kind in "iu":
+        if array.min(initial=0) < 0 or array.max(initial=0) > 65535:
+            raise ValueError(f"{source}: integer image values must lie in 0..65535 (16-bit), got "
+                             f"{array.min()}..{array.max()}")
+        return np.rint(array.astype(np.float64) / 257.0).astype(np.uint8)  # 16-bit range, even if stored wider
+    raise TypeError(f"{source}: cannot read image values of dtype {array.dtype}")
+
+
 def _to_rgb(image):
     from PIL import Image
 
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
     import numpy as np
 
+    if isinstance(image, Image.Image):
+        if image.mode == "RGB":
+            return image
+        if image.mode in _HIGH_BIT_MODES:  # scale to 8 bits by the mode's range, then grey -> RGB
+            return Image.fromarray(_to_uint8(np.asarray(image), f"a mode {image.mode} image"), mode="L").convert("RGB")
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.permute(1, 2, 0)  # torchvision's C x H x W layout
+        image = image.numpy()
     array = np.asarray(image)
     if array.ndim == 2:  # H x W grayscale
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise TypeError(f"expected a PIL image, an HxW / HxWxC array or a CxHxW tensor, got shape {array.shape}")
+    array = _to_uint8(array, f"a {array.dtype} image array")
+    if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise TypeError(f"expected a PIL image or an HxW / HxWxC array, got shape {array.shape}")
-    return Image.fromarray(array.astype("uint8")).convert("RGB")
+    return Image.fromarray(array).convert("RGB")
+
+
+def decode_image(value: Any):
+    """A dataset image cell as a PIL image: an undecoded ``{"path", "bytes"}`` cell is opened and fully loaded here,
+    so a truncated or corrupt file raises :class:`UnreadableImageError` naming it (datasets' own decoding reports
+    only PIL's message). Anything else (a PIL image, an array) is returned as is."""
+    if not isinstance(value, Mapping):
+        return value
+    import io
+
+    from PIL import Image
+
+    path, data = value.get("path"), value.get("bytes")
+    try:
+        image = Image.open(io.BytesIO(data) if data is not None else path)
+        image.load()
+    except (OSError, SyntaxError, ValueError, TypeError) as err:  # PIL: UnidentifiedImageError, "truncated", ...
+        raise UnreadableImageError(f"cannot read image {path or '(embedded bytes without a file name)'}: "
+                                   f"{' '.join(str(err).split())}") from None
+    return image
+
+
+def _undecoded(ds, image_column: str):
+    """``ds`` with its image column left undecoded (decoding then goes through :func:`decode_image`)."""
+    from datasets import Image
+
+    return ds.cast_column(image_column, Image(decode=False)) if ds.features[image_column].decode else ds
+
+
+def drop_unreadable(ds, image_column: str | None = None, batch_size: int = 256):
+    """``(ds without its unreadable images, [(row, message), ...])``: every image is decoded once to find them
+    (the cost of ``--skip-unreadable-images``); the kept rows keep their order."""
+    column = resolve_image_column(ds, image_column)
+    raw = _undecoded(ds, column)
+    bad: list[tuple[int, str]] = []
+    for start in range(0, len(raw), batch_size):
+        for offset, cell in enumerate(raw[start:start + batch_size][column]):
+            try:
+                decode_image(cell)
+            except UnreadableImageError as err:
+                bad.append((start + offset, str(err)))
+    if not bad:
+        return ds, bad
+    skip = {row for row, _ in bad}
+    return ds.select([i for i in range(len(ds)) if i not in skip]), bad
 
 
 def _size_hw(input_size) -> tuple[int, int] | None:
@@ -189,7 +279,7 @@ def batch_transform(
     every image to RGB before ``transform`` (set False for a model that really takes one channel)."""
 
     def apply(batch: dict) -> dict:
-        images = batch[image_column]
+        images = [decode_image(im) for im in batch[image_column]]
         out = {"pixel_values": [transform(_to_rgb(im) if rgb else im) for im in images]}
         if label_column is not None:
             out["labels"] = [int(label) for label in batch[label_column]]
@@ -240,4 +330,5 @@ def apply_transform(
         transform = transform_or_source
     else:
         raise TypeError(f"expected a transform callable or a model/config/processor, got {type(transform_or_source)}")
-    return ds.with_transform(batch_transform(transform, image_column, label_column, rgb=rgb))
+    # images are decoded in batch_transform (decode_image), so an unreadable file is reported by name
+    return _undecoded(ds, image_column).with_transform(batch_transform(transform, image_column, label_column, rgb=rgb))

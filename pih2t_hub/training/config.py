@@ -1,18 +1,42 @@
 """The run configuration: one dataclass, loadable from YAML, overridable from the CLI, written beside outputs.
 
 Config is data: the fully resolved ``RunConfig`` is saved as ``run_config.yaml`` next to the model, and the model
-card is rendered from the same object.
+card is rendered from the same object. Every field carries its command-line help, group and (where the values are
+a fixed set) choices as ``dataclasses.field`` metadata, which ``recipes/finetune.py`` turns into flags through
+``transformers.HfArgumentParser``. :meth:`RunConfig.validate` checks types and ranges, so a recipe value of the
+wrong type or an out-of-range flag is refused in one line before any data is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+GROUPS = ("data", "model", "method", "stages", "training", "output", "hub")
+SAMPLERS = ("instance", "balanced", "sqrt", "progressive", "dual")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
+
+
+def _f(default: Any, group: str, help: str, choices: tuple | None = None) -> Any:  # noqa: A002 - argparse's name
+    """A config field with its CLI help, group and choices (metadata read by the CLI parser)."""
+    meta: dict[str, Any] = {"help": help, "group": group}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run (wrong type, out of range, unknown name)."""
 
 
 @dataclass
@@ -20,87 +44,90 @@ class RunConfig:
     """Everything a run needs. Defaults are the offline demo: pretrained EfficientNet-Lite0 on MNIST-LT."""
 
     # data
-    dataset: str = "mnist"
-    label_column: str | None = None
-    image_column: str | None = None
-    imbalance_ratio: float | None = 50.0  # None: the train split is already long-tailed; keep it whole
-    profile: str = "exp"
-    max_per_class: int | None = 300
-    test_per_class: int = 50  # balanced test set carved from train when the dataset has no test split
-    val_fraction: float = 0.1
-    image_size: int | None = 64
+    dataset: str = _f("mnist", "data", "offline name (digits, mnist, fashion_mnist), a local image folder "
+                      "(class_name/*.png) or a Hub dataset id")
+    label_column: str | None = _f(None, "data", "label column (ClassLabel, integer or string values; strings are "
+                                  "encoded); default: the only ClassLabel column")
+    image_column: str | None = _f(None, "data", "image column; default: the only Image column")
+    imbalance_ratio: float | None = _f(50.0, "data", "max/min class size of the long-tailed train subset (>= 1); "
+                                       "none: the train split is already long-tailed, keep it whole")
+    profile: str = _f("exp", "data", "class-size profile of the long tail", ("exp", "step"))
+    max_per_class: int | None = _f(300, "data", "images of the largest class (cap); none: as many as the data has")
+    test_per_class: int = _f(50, "data", "balanced test images per class, carved from train when the dataset "
+                             "has no test split")
+    val_fraction: float = _f(0.1, "data", "fraction of the long-tailed train subset held out (stratified) for "
+                             "model selection, in (0, 1)")
+    image_size: int | None = _f(64, "data", "input resolution in pixels (> 0); none: the backbone's own")
+    skip_unreadable_images: bool = _f(False, "data", "skip images that cannot be decoded (counted in "
+                                      "results.json) instead of stopping with the file's name")
     # model
-    backbone: str = "effnet_lite0"
-    pretrained: bool = True
-    head_type: str = "linear"
+    backbone: str = _f("effnet_lite0", "model", "registry alias (effnet_lite0, vit_base, ...), timm name or HF id")
+    pretrained: bool = _f(True, "model", "load the backbone's pretrained weights")
+    head_type: str = _f("linear", "model", "classifier head", ("linear", "cosine"))
+    init_from: str | None = _f(None, "model", "a saved model folder to start from (e.g. the model/ of a "
+                               "--stage 1 run, for --stage 2 alone)")
     # method
-    method: str = "h2t"
-    loss: str | None = None  # None: the method's own loss; a name combines a fusion method with it ("X + H2T")
-    sampler: str | None = None  # None: the method's own stage-2 sampler
-    fusion_ratio: float = 0.25
-    h2tf_mode: str = "interpolate"
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)
-    method_kwargs: dict[str, Any] = field(default_factory=dict)  # method hyper-parameters (e.g. DLSA's, τ grid)
+    method: str = _f("h2t", "method", "long-tail method (see the README's method table), e.g. h2t, pi-h2t, crt, "
+                     "lws, tau_norm, dlsa, ce, balanced_softmax, logit_adjusted, ldam_drw, focal, cb")
+    loss: str | None = _f(None, "method", "stage-2 loss by name; none: the method's own (a fusion method with "
+                          "another loss is 'X + H2T')")
+    sampler: str | None = _f(None, "method", "stage-2 sampler; none: the method's own (one of "
+                             f"{', '.join(SAMPLERS)})")
+    fusion_ratio: float = _f(0.25, "method", "H2T fusion ratio p: fraction of channels replaced, in [0, 1]")
+    h2tf_mode: str = _f("interpolate", "method", "PI-H2T fusion on pooled features", ("interpolate", "replace"))
+    loss_kwargs: dict[str, Any] = _f({}, "method", "YAML mapping of extra loss arguments, e.g. '{tau: 1.5}'")
+    method_kwargs: dict[str, Any] = _f({}, "method", "YAML mapping of method hyper-parameters (e.g. DLSA's)")
     # stages
-    stage: str = "both"  # "1", "2" or "both"
-    stage1_mode: str = "linear"  # "linear": head on cached features of the frozen backbone; "finetune": end to end
-    stage2_mode: str = "cached"  # "cached" pooled features, or "online" (backbone forward every step)
-    stage1_epochs: int = 10
-    stage1_lr: float = 0.1
-    mixup_alpha: float = 0.0
-    shift_bn: bool = True
-    batch_size: int = 128  # stage 1 and feature extraction
-    weight_decay: float = 5e-4  # stage 1
-    momentum: float = 0.9
+    stage: str = _f("both", "stages", "which stages to run", ("1", "2", "both"))
+    stage1_mode: str = _f("linear", "stages", "stage 1: 'linear' probe on cached features of the frozen backbone, "
+                          "or 'finetune' end to end", ("linear", "finetune"))
+    stage2_mode: str = _f("cached", "stages", "stage 2 on 'cached' pooled features, or 'online' (backbone forward "
+                          "every step, shift-BN)", ("cached", "online"))
+    stage1_epochs: int = _f(10, "stages", "stage-1 epochs (>= 1)")
+    stage1_lr: float = _f(0.1, "stages", "stage-1 learning rate (> 0, cosine per epoch)")
+    mixup_alpha: float = _f(0.0, "stages", "stage-1 mixup Beta(a, a) parameter; 0: no mixup")
+    shift_bn: bool = _f(True, "stages", "stage 2 online: re-estimate the frozen backbone's BN statistics")
+    batch_size: int = _f(128, "stages", "stage-1 and feature-extraction batch size per process")
+    weight_decay: float = _f(5e-4, "stages", "stage-1 weight decay (>= 0)")
+    momentum: float = _f(0.9, "stages", "SGD momentum (>= 0)")
     # stage 2: None takes the method's published recipe (pih2t_hub.methods); the resolved values are recorded
-    stage2_epochs: int | None = None
-    stage2_lr: float | None = None
-    stage2_batch_size: int | None = None
-    stage2_weight_decay: float | None = None
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    feature_dtype: str = "float32"
-    cache_dir: str | None = None  # feature cache; default <output_dir>/features. Share it across runs: the manifest
-    # (backbone weights, transform, split, seed, imbalance) decides reuse, so a stale cache is never read
-    init_from: str | None = None  # a saved model folder to start from (e.g. a stage-1 run, for --stage 2 alone)
-    num_workers: int = 0
-    report_to: str | None = None  # accelerate tracker ("tensorboard", "wandb", ...), installed separately
-    # bookkeeping
-    seed: int = 0
-    output_dir: str = "outputs/demo"
-    checkpoint_every: int = 0
-    keep_last: int = 2
-    resume: bool = False
-    export: str = "pih2t"  # saved model format: "pih2t" (transformers, remote code) or "timm" (plain timm folder too)
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_format: str = "pih2t"  # what --push-to-hub uploads: "pih2t" or "timm"
+    stage2_epochs: int | None = _f(None, "stages", "stage-2 epochs (>= 1); none: the method's recipe")
+    stage2_lr: float | None = _f(None, "stages", "stage-2 learning rate (> 0); none: the method's recipe")
+    stage2_batch_size: int | None = _f(None, "stages", "stage-2 batch size per process; none: the method's recipe")
+    stage2_weight_decay: float | None = _f(None, "stages", "stage-2 weight decay (>= 0); none: the method's recipe")
+    # training
+    grad_accum: int = _f(1, "training", "gradient accumulation steps (>= 1)")
+    mixed_precision: str = _f("no", "training", "autocast dtype; resolved to what the device supports (recorded)",
+                              ("no", "fp16", "bf16"))
+    feature_dtype: str = _f("float32", "training", "storage dtype of cached features", ("float32", "float16"))
+    num_workers: int = _f(0, "training", "data-loader worker processes (>= 0)")
+    report_to: str | None = _f(None, "training", "accelerate tracker, installed separately (one of "
+                               f"{', '.join(TRACKERS)})")
+    seed: int = _f(0, "training", "seed of every random choice (subset, splits, init, sampling, fusion), >= 0")
+    # output
+    output_dir: str = _f("outputs/demo", "output", "where the model, results, checkpoints and cache go (locked "
+                         "for the run)")
+    cache_dir: str | None = _f(None, "output", "feature cache; default <output-dir>/features (shareable across "
+                               "runs: its manifest decides reuse)")
+    checkpoint_every: int = _f(0, "output", "also checkpoint every N optimiser steps (0: at epoch ends only)")
+    keep_last: int = _f(2, "output", "checkpoints kept per stage (0: all)")
+    resume: bool = _f(False, "output", "continue from the newest valid checkpoint (the config must match)")
+    resume_strict: bool = _f(False, "output", "with --resume: refuse to start when there is no valid checkpoint")
+    force_unlock: bool = _f(False, "output", "take over the lock left by a run that died (reported first)")
+    export: str = _f("pih2t", "output", "saved model format: transformers with remote code, or a plain timm "
+                     "folder too", ("pih2t", "timm"))
+    # hub
+    push_to_hub: bool = _f(False, "hub", "upload the model folder to the Hub when the run ends (needs a token)")
+    hub_model_id: str | None = _f(None, "hub", "Hub repository id, 'owner/name'")
+    hub_format: str = _f("pih2t", "hub", "what --push-to-hub uploads", ("pih2t", "timm"))
 
     def validate(self) -> "RunConfig":
-        if self.imbalance_ratio is not None and (not math.isfinite(self.imbalance_ratio) or self.imbalance_ratio < 1):
-            raise ValueError(f"imbalance_ratio must be finite and >= 1, got {self.imbalance_ratio}")
-        if self.stage not in ("1", "2", "both"):
-            raise ValueError(f"stage must be '1', '2' or 'both', got {self.stage!r}")
-        if self.stage1_mode not in ("linear", "finetune"):
-            raise ValueError(f"stage1_mode must be 'linear' or 'finetune', got {self.stage1_mode!r}")
-        if self.stage2_mode not in ("cached", "online"):
-            raise ValueError(f"stage2_mode must be 'cached' or 'online', got {self.stage2_mode!r}")
-        if not 0.0 <= self.fusion_ratio <= 1.0:
-            raise ValueError(f"fusion_ratio must lie in [0, 1], got {self.fusion_ratio}")
-        for name in ("stage1_epochs", "stage2_epochs", "batch_size", "stage2_batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name in ("stage1_lr", "stage2_lr", "weight_decay", "stage2_weight_decay", "momentum"):
-            value = getattr(self, name)
-            if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and "lr" in name)):
-                raise ValueError(f"{name} must be finite and {'> 0' if 'lr' in name else '>= 0'}, got {value}")
-        if self.export not in ("pih2t", "timm"):
-            raise ValueError(f"export must be 'pih2t' or 'timm', got {self.export!r}")
-        if self.hub_format not in ("pih2t", "timm"):
-            raise ValueError(f"hub_format must be 'pih2t' or 'timm', got {self.hub_format!r}")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push-to-hub needs --hub-model-id")
+        """Check types (coercing int -> float where a number is expected), choices, ranges and names; raise
+        :class:`ConfigError` naming the first bad key. Returns ``self``."""
+        _check_types(self)
+        _check_choices(self)
+        _check_ranges(self)
+        _check_names(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,14 +138,19 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+            close = sorted({m for k in unknown for m in difflib.get_close_matches(k, sorted(known), n=3, cutoff=0.6)})
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; valid keys: {sorted(known)}"
+            raise ConfigError(f"unknown config keys {unknown}{hint}")
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a recipe must be a YAML mapping")
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping")
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
@@ -128,4 +160,105 @@ class RunConfig:
         tmp.replace(path)
 
 
-__all__ = ["RunConfig"]
+# ---------------------------------------------------------------------------------------------- validation
+
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def _expected(name: str) -> tuple[type, bool]:
+    """``(base type, optional)`` of a field from its annotation."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint)
+    return typing.get_origin(base) or base, optional
+
+
+def _check_types(cfg: RunConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        base, optional = _expected(f.name)
+        if value is None and optional:
+            continue
+        ok = value is not None and {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+            dict: lambda v: isinstance(v, dict),
+        }[base](value)
+        if not ok:
+            kind = _KIND[base] + (" or null" if optional else "")
+            raise ConfigError(f"{f.name} must be {kind}, got {type(value).__name__} {value!r}")
+        if base in (float, str) and not isinstance(value, base):  # 10 -> 10.0; YAML `stage: 2` -> "2"
+            setattr(cfg, f.name, base(value))
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    if cfg.sampler is not None and cfg.sampler not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {', '.join(SAMPLERS)} (or none); got {cfg.sampler!r}")
+    if cfg.report_to is not None and cfg.report_to not in TRACKERS:
+        raise ConfigError(f"report_to must be one of {', '.join(TRACKERS)} (or none); got {cfg.report_to!r}")
+
+
+_AT_LEAST_ONE = ("stage1_epochs", "stage2_epochs", "batch_size", "stage2_batch_size", "grad_accum", "test_per_class",
+                 "max_per_class", "image_size")
+_NON_NEGATIVE_INT = ("num_workers", "checkpoint_every", "keep_last", "seed")
+_HINTS = {"stage1_epochs": " (--stage 2 with --init-from skips stage 1)", "stage2_epochs": " (--stage 1 skips stage 2)"}
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    if cfg.imbalance_ratio is not None and (not math.isfinite(cfg.imbalance_ratio) or cfg.imbalance_ratio < 1):
+        raise ConfigError(f"imbalance_ratio must be finite and >= 1, got {cfg.imbalance_ratio}")
+    if not 0.0 <= cfg.fusion_ratio <= 1.0:  # NaN fails too
+        raise ConfigError(f"fusion_ratio must lie in [0, 1], got {cfg.fusion_ratio}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie in (0, 1): model selection needs a validation split, "
+                          f"got {cfg.val_fraction}")
+    for name in _AT_LEAST_ONE:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}{_HINTS.get(name, '')}")
+    for name in _NON_NEGATIVE_INT:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("stage1_lr", "stage2_lr", "weight_decay", "stage2_weight_decay", "momentum", "mixup_alpha"):
+        value = getattr(cfg, name)
+        if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and "lr" in name)):
+            raise ConfigError(f"{name} must be finite and {'> 0' if 'lr' in name else '>= 0'}, got {value}")
+    if not cfg.dataset.strip():
+        raise ConfigError("dataset must not be empty")
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """Method, loss and Hub repo id: names defined elsewhere, imported only here (cheap modules)."""
+    from ..methods import get_method
+
+    try:
+        get_method(cfg.method)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.loss is not None:
+        from ..losses import list_losses
+
+        names = list_losses()
+        if cfg.loss.strip().lower().replace("-", "_") not in {n.lower().replace("-", "_") for n in names}:
+            raise ConfigError(f"unknown loss {cfg.loss!r}; choose from {', '.join(names)}")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise ConfigError("--push-to-hub needs --hub-model-id")
+    if cfg.hub_model_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(cfg.hub_model_id)
+        except HFValidationError as err:
+            raise ConfigError(f"hub_model_id {cfg.hub_model_id!r} is not a Hub repo id: "
+                              f"{' '.join(str(err).split())}") from None
+
+
+__all__ = ["ConfigError", "GROUPS", "RunConfig", "SAMPLERS", "TRACKERS"]

@@ -33,6 +33,8 @@ class RunContext:
     model: nn.Module
     train_tf: Any
     eval_tf: Any
+    data_config: dict[str, Any] = field(default_factory=dict)  # the input pre-processing the transforms use
+    mixed_precision: str = "no"  # what the accelerator really computes in (resolved, not requested)
     callbacks: list[LoopCallback] = field(default_factory=list)
     features: dict[str, TensorDataset] = field(default_factory=dict)
     fusion_generator: torch.Generator = field(default_factory=torch.Generator)

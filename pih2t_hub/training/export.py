@@ -6,6 +6,7 @@ test numbers were computed with that same model, so re-evaluating the folder giv
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import write_atomic_json
 from .context import RunContext
+
+PLOT = "accuracy_vs_frequency.png"
 
 CARD_HPARAMS = ("loss", "sampler", "fusion_ratio", "h2tf_mode", "stage1_mode", "stage2_mode", "shift_bn",
                 "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr", "stage2_batch_size", "stage2_weight_decay",
@@ -22,18 +24,29 @@ CARD_HPARAMS = ("loss", "sampler", "fusion_ratio", "h2tf_mode", "stage1_mode", "
 
 
 def write_outputs(ctx: RunContext, results: dict[str, Any]) -> None:
-    """Model folder, results JSON, frequency plot and model card; then the push, if asked for."""
-    cfg, model, out = ctx.cfg, ctx.model, ctx.out
-    model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    write_atomic_json(out / "results.json", results)
+    """Model folder (weights, config, processor, code, plot, card), ``results.json`` and the recorded
+    ``run_config.yaml`` written as one unit (:func:`~pih2t_hub.hub.save.save_run_outputs`: a failed save leaves the
+    previous outputs intact); then the timm export and the push, if asked for."""
+    import yaml
+
+    from ..hub.save import save_run_outputs
+    from .record import recorded_config
+
+    model, out = ctx.model, ctx.out
+    cfg = ctx.cfg = recorded_config(ctx.cfg, image_size=results["image_size"],
+                                    mixed_precision=results["mixed_precision"])
+    extra: dict[str, Any] = {}
     if "per_class" in results:
         from ..evaluation.plots import plot_accuracy_vs_frequency
 
-        plot_accuracy_vs_frequency({results["method"]: np.asarray(results["per_class"])}, ctx.counts,
-                                   model_dir / "accuracy_vs_frequency.png")
-    if "test" in results:
-        _write_card(ctx, results, model_dir)
+        extra[PLOT] = lambda path: plot_accuracy_vs_frequency(
+            {results["method"]: np.asarray(results["per_class"])}, ctx.counts, path)
+    card = _render_card(ctx, results) if "test" in results else None
+    if card is not None:
+        extra["README.md"] = card
+    side = {"results.json": json.dumps(results, indent=2, sort_keys=True, default=str),
+            "run_config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)}
+    model_dir = save_run_outputs(out, model, extra_files=extra, side_files=side)
     if cfg.export == "timm":  # also as a plain timm folder (loads without pih2t_hub and without remote code)
         from ..hub.timm_export import export_timm
 
@@ -53,15 +66,17 @@ def _card_config(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
             "backbone_tag": ctx.model.config.backbone_tag, "class_counts": ctx.counts.tolist()}
 
 
-def _write_card(ctx: RunContext, results: dict[str, Any], model_dir: Path) -> None:
-    from ..hub.model_card import render_model_card, write_model_card
+def _render_card(ctx: RunContext, results: dict[str, Any]) -> str | None:
+    """The model card's text, or None (with the reason printed) when the results cannot fill it."""
+    from ..hub.model_card import render_model_card
 
+    plot = PLOT if "per_class" in results else None
     try:
-        card = render_model_card(_card_config(ctx, results), results["test"], plot_path="accuracy_vs_frequency.png",
-                                 allow_empty_groups=True)
-        write_model_card(card, model_dir)
+        return str(render_model_card(_card_config(ctx, results), results["test"], plot_path=plot,
+                                     allow_empty_groups=True))
     except (TypeError, ValueError) as err:  # a group without classes (e.g. no few-shot class) etc.
         print(f"model card not written: {err}")
+        return None
 
 
 def _push(ctx: RunContext, results: dict[str, Any], model_dir: Path) -> None:
@@ -71,7 +86,7 @@ def _push(ctx: RunContext, results: dict[str, Any], model_dir: Path) -> None:
     cfg = ctx.cfg
     if cfg.hub_format == "timm":
         push_to_hub(ctx.model, cfg.hub_model_id, hub_format="timm", config=_card_config(ctx, results),
-                    results=results["test"], plot=model_dir / "accuracy_vs_frequency.png", allow_empty_groups=True)
+                    results=results["test"], plot=model_dir / PLOT, allow_empty_groups=True)
     else:  # push_to_hub validates everything before uploading
         push_to_hub(model_dir, cfg.hub_model_id, allow_empty_groups=True)
     print(f"pushed {model_dir if cfg.hub_format == 'pih2t' else 'the timm export'} to the Hub as {cfg.hub_model_id}")

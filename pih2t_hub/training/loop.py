@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import begin_checkpoint, latest_valid_checkpoint, seal_checkpoint, verify_checkpoint
+from .interrupt import DeferredInterrupt
 
 BEST_WEIGHTS = "best_trainable.safetensors"
 EXTRA_STATE = "extra_state_{rank}.safetensors"
@@ -226,9 +227,12 @@ def train_loop(
                 best_weights = load_file(str(folder / BEST_WEIGHTS))
             accelerator.print(f"resumed from {folder} (epoch {state.epoch}, step {state.step_in_epoch})")
 
+    saved_at: list[tuple[int, int, int]] = []  # position of the newest checkpoint written by this call
+
     def checkpoint() -> None:
         if ckpt_root is None:
             return
+        saved_at[:] = [(state.epoch, state.step_in_epoch, state.global_step)]
         step_no = state.global_step
         if accelerator.is_main_process:
             begin_checkpoint(ckpt_root, step_no)
@@ -244,6 +248,9 @@ def train_loop(
         accelerator.wait_for_everyone()
 
     callbacks = list(callbacks)
+    # Ctrl-C: the first SIGINT is deferred to the next consistent point (see interrupt.py); `consistent` is True only
+    # where the loop state equals what a regular checkpoint would save, so the checkpoint on the way out is exact.
+    interrupt, consistent = DeferredInterrupt(accelerator).install(), True
     try:
         while state.epoch < epochs:
             epoch = state.epoch
@@ -264,6 +271,7 @@ def train_loop(
                        disable=not (progress and accelerator.is_local_main_process), leave=False)
             t0, seen = time.perf_counter(), 0
             for batch in epoch_loader:
+                consistent = False
                 with accelerator.accumulate(trainable):
                     loss = step(batch)
                     if not torch.isfinite(loss):
@@ -274,6 +282,7 @@ def train_loop(
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.last_loss = float(loss.item())
+                consistent = accelerator.sync_gradients  # mid-accumulation, gradients are in no checkpoint
                 seen += batch_size_of(batch) if batch_size_of else 0
                 bar.update(1)
                 bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}",
@@ -281,11 +290,14 @@ def train_loop(
                                    if batch_size_of else {}))
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and accelerator.sync_gradients:
                     checkpoint()
+                if consistent:
+                    interrupt.raise_if_requested()
                 if any([cb.on_step_end(state) for cb in callbacks]):
                     bar.close()
                     state.stopped = True
                     return state
             bar.close()
+            consistent = False  # evaluation updates the best-epoch state: consistent again after the checkpoint
             record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": state.last_loss}
             if evaluate is not None:
                 metrics = evaluate(epoch)
@@ -299,10 +311,17 @@ def train_loop(
             state.epoch += 1
             state.step_in_epoch = 0
             checkpoint()
+            consistent = True
+            interrupt.raise_if_requested()
     except KeyboardInterrupt:
-        accelerator.print("interrupted: writing a checkpoint before exiting")
-        checkpoint()
+        if not consistent:
+            accelerator.print("interrupted mid-step: no new checkpoint (the newest sealed one is kept)")
+        elif saved_at != [(state.epoch, state.step_in_epoch, state.global_step)]:
+            accelerator.print("interrupted: writing a checkpoint of the last completed step before exiting")
+            checkpoint()
         raise
+    finally:
+        interrupt.restore()
     state.best_weights = best_weights  # type: ignore[attr-defined]
     return state
 

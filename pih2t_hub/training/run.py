@@ -23,6 +23,7 @@ from .context import RunContext
 from .export import write_outputs
 from .loop import LoopCallback, LoopState
 from .predict import format_table, summarize
+from .record import resolve_mixed_precision, used_image_size
 from .stage1 import finetune_stage1, linear_stage1
 from .stage2 import method_context, run_stage2
 
@@ -30,14 +31,25 @@ from .stage2 import method_context, run_stage2
 def run(cfg: RunConfig, accelerator: Any | None = None, callbacks: Iterable[LoopCallback] = ()) -> dict[str, Any]:
     """Execute a run and return its results (also written to ``<output_dir>/results.json``).
 
-    A callback that stops the loop (e.g. :class:`~pih2t_hub.training.loop.StopAfterSteps`) ends the whole run
-    there, as a crash would: checkpoints are on disk and ``resume=True`` continues.
+    The method's recipe fills the stage-2 values left unset; the output directory is then locked for the whole run
+    and ``resume`` is checked against the checkpoints' config (:func:`pih2t_hub.training.resume.run_guard`). A
+    callback that stops the loop (e.g. :class:`~pih2t_hub.training.loop.StopAfterSteps`) ends the whole run there,
+    as a crash would: checkpoints are on disk and ``resume=True`` continues.
     """
-    ctx = _setup(cfg, accelerator, list(callbacks))
+    from .resume import run_guard
+
+    cfg = get_method(cfg.validate().method).resolve(cfg).validate()  # before the guard touches the output folder
+    with run_guard(cfg):
+        return _run(cfg, accelerator, list(callbacks))
+
+
+def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback]) -> dict[str, Any]:
+    ctx = _setup(cfg, accelerator, callbacks)
     cfg = ctx.cfg
     results: dict[str, Any] = {"method": ctx.method.name, "num_processes": ctx.accelerator.num_processes,
                                "global_batch": cfg.batch_size * ctx.accelerator.num_processes * cfg.grad_accum,
-                               "class_counts": ctx.counts.tolist()}
+                               "class_counts": ctx.counts.tolist(), "image_size": used_image_size(ctx.data_config),
+                               "mixed_precision": ctx.mixed_precision, "skipped_images": ctx.data["skipped_images"]}
     rows: dict[str, dict[str, float]] = {}
 
     # ---------------- stage 1: representation (end to end) or linear probe (on cached features)
@@ -101,15 +113,17 @@ def _setup(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback
     if cfg.report_to:  # accelerate trackers (e.g. tensorboard): every epoch record goes through accelerator.log
         accelerator.init_trackers("pih2t", config={k: v for k, v in cfg.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))})
-    if accelerator.is_main_process:
+    precision = resolve_mixed_precision(accelerator, cfg.mixed_precision)  # recorded: what really ran
+    if accelerator.is_main_process:  # the config itself is recorded with the outputs, at the end (what ran)
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "run_config.yaml")
     accelerator.wait_for_everyone()
     data = load_splits(cfg)  # seeded explicitly by cfg.seed; touches no global RNG
     # Seed the global RNGs (model init, augmentation) only now: loading a dataset may import modules lazily, and
     # some draw from the global RNG at import (sklearn -> rich), which made the first run in a process differ.
     set_seed(cfg.seed)
-    return make_context(cfg, accelerator, data, method_cls(cfg), callbacks)
+    ctx = make_context(cfg, accelerator, data, method_cls(cfg), callbacks)
+    ctx.mixed_precision = precision
+    return ctx
 
 
 def make_context(cfg: RunConfig, accelerator: Any, data: dict[str, Any], method: Any,
@@ -121,7 +135,7 @@ def make_context(cfg: RunConfig, accelerator: Any, data: dict[str, Any], method:
     if cfg.image_size:
         dc["input_size"] = [3, cfg.image_size, cfg.image_size]
         model.config.backbone_data_config = dc
-    return RunContext(accelerator=accelerator, cfg=cfg, method=method, data=data, model=model,
+    return RunContext(accelerator=accelerator, cfg=cfg, method=method, data=data, model=model, data_config=dc,
                       train_tf=build_transform(dc, train=True), eval_tf=build_transform(dc, train=False),
                       callbacks=list(callbacks or []), fusion_generator=torch.Generator().manual_seed(cfg.seed + 1))
 

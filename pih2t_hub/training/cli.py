@@ -1,0 +1,177 @@
+"""The command line of a run: ``transformers.HfArgumentParser`` over :class:`RunConfig`, and one-line errors.
+
+Flags come from the config's fields (help, group and choices are field metadata, defaults are the field defaults),
+grouped as data / model / method / stages / training / output / hub. ``--config`` loads a recipe YAML; a flag
+given on the command line overrides it (a flag is "given" when argparse sets it, so ``--seed 0`` overrides a
+recipe's ``seed: 5`` even though 0 is the default).
+
+:func:`main` reports every configuration or data error as ``error: ...`` on one line with exit code 2, before
+the heavy imports and any extraction or training where it can be known early; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from transformers import HfArgumentParser
+
+from .config import GROUPS, ConfigError, RunConfig
+
+__all__ = ["UsageError", "build_parser", "resolve_config", "main", "USER_ERRORS"]
+
+_UNSET = object()  # "flag not given" (None is a real value: `--max-per-class none`)
+_RENAMED = {"--epochs": "--stage1-epochs / --stage2-epochs", "--lr": "--stage1-lr / --stage2-lr"}
+
+
+class UsageError(ConfigError):
+    """A command line argparse cannot parse (unknown flag, invalid value, missing recipe)."""
+
+
+def _none_or(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``none``/``null`` mean ``None`` (no per-class cap, an already long-tailed dataset, the method's recipe)."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else cast(text)
+
+    parse.__name__ = getattr(cast, "__name__", "value")  # argparse names the type in "invalid int value"
+    return parse
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{tau: 1.5}}', got {text!r}")
+    return value
+
+
+class _Group:
+    """Adapts the arguments ``HfArgumentParser`` derives from a field: dashed flag only, ``none`` for optional
+    values, YAML for mappings."""
+
+    def __init__(self, group: Any, optional: bool) -> None:
+        self.group, self.optional = group, optional
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> Any:
+        flags = tuple(f for f in flags if "_" not in f) or flags
+        if kwargs.get("action") == "store_false":  # HfArgumentParser's --no-<flag> for a flag that defaults to true
+            kwargs["help"], kwargs["default"] = f"same as --{flags[0][5:]} false", argparse.SUPPRESS
+        kind = kwargs.get("type")
+        if typing.get_origin(kind) is dict or kind is dict:
+            kwargs["type"], kwargs["metavar"] = _yaml_mapping, "YAML"
+        elif self.optional and kind in (int, float, str):
+            kwargs["type"] = _none_or(kind)
+        return self.group.add_argument(*flags, **kwargs)
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # argparse prints usage and exits; we want one line
+        for old, new in _RENAMED.items():
+            if old in message.split():
+                message += f" ({old} is now {new})"
+        raise UsageError(f"{message} (see --help)")
+
+
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def build_parser(description: str | None = None) -> HfArgumentParser:
+    """The parser: ``--config``, ``--debug`` and one flag per :class:`RunConfig` field, in groups."""
+    parser = _Parser([], description=description, formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
+        prog, max_help_position=36, width=118))
+    parser.add_argument("--config", help="recipe YAML: a path, or a name in recipes/configs/ (flags override it)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        field = copy.copy(f)  # HfArgumentParser resolves .type in place: leave the dataclass's own fields alone
+        field.type = hints[f.name]
+        field.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k in ("help", "choices")})
+        HfArgumentParser._parse_dataclass_field(_Group(groups[f.metadata["group"]], _optional(field.type)), field)
+    return parser
+
+
+def _recipe(name: str, config_dir: Path | None) -> dict[str, Any]:
+    path = Path(name)
+    if not path.exists() and config_dir is not None:
+        path = config_dir / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        where = f" (looked in {config_dir})" if config_dir is not None else ""
+        raise UsageError(f"recipe {name!r} not found{where}")
+    return RunConfig.from_yaml(path).to_dict()
+
+
+def resolve_config(argv: Sequence[str] | None = None, config_dir: Path | None = None) -> RunConfig:
+    """Recipe file (if any), then the flags given on the command line, into one validated RunConfig."""
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    namespace = argparse.Namespace(**{n: _UNSET for n in names})  # argparse fills only what is absent
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv), namespace=namespace)
+    data = _recipe(args.config, config_dir) if args.config else {}
+    data.update({n: getattr(args, n) for n in names if getattr(args, n) is not _UNSET})
+    return RunConfig.from_dict(data).validate()
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    return text
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CorruptCheckpointError
+    from .lock import OutputLockedError, StaleLockError
+
+    return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, OutputLockedError,
+            StaleLockError, CorruptCheckpointError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
+         description: str | None = None) -> int:
+    """Parse, check, lock, run. Returns the exit code: 0, 2 (a configuration or data error), 130 (Ctrl-C), 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser(description).print_help()
+        return 0
+    debug = "--debug" in argv
+    try:
+        from .preflight import preflight
+        from .resume import run_guard
+
+        cfg = preflight(resolve_config(argv, config_dir))
+        with run_guard(cfg):
+            from .run import run  # the heavy imports (datasets, accelerate) only once the config is known good
+
+            run(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: rerun with --resume to continue from the newest checkpoint", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one line by default; the traceback is one flag away
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+

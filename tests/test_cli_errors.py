@@ -1,0 +1,150 @@
+"""Every bad argument of ``recipes/finetune.py`` is one ``error: ...`` line naming the problem, exit code 2, early.
+
+Each case runs the recipe's ``main(argv)`` in this process (the interpreter's import of torch / transformers is
+paid once for all cases) and checks: exit code 2, exactly one stderr line starting ``error:`` that contains the
+expected words, no traceback, under 10 s, and nothing written for errors knowable from the config alone. A few
+cases also run the literal ``python recipes/finetune.py`` command, for the process's own exit code and stream.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "test_resnet", "--pretrained", "false", "--dataset", "digits", "--image-size", "32",
+        "--max-per-class", "60", "--imbalance-ratio", "10", "--test-per-class", "20"]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("finetune_errors", ROOT / "recipes" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _recipe()
+import pih2t_hub.training.run  # noqa: E402,F401 - the one-time import the data cases would otherwise pay first
+
+
+def _files(tmp: Path) -> dict[str, str]:
+    """Files the cases refer to, made once per case in its tmp dir."""
+    from PIL import Image
+
+    (tmp / "bad_types.yaml").write_text("batch_size: '16'\n")
+    (tmp / "list.yaml").write_text("- method: h2t\n")
+    (tmp / "old_keys.yaml").write_text("epochs: 3\n")
+    (tmp / "broken.yaml").write_text("method: [h2t\n")
+    (tmp / "not_a_model").mkdir()
+    (tmp / "a_file").write_text("x")
+    for folder in ("one_class/cat", "two_class/cat", "two_class/dog"):
+        (tmp / folder).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp / folder / f"{i}.png")
+    return {"tmp": str(tmp)}
+
+
+# (extra argv, words the message must contain, whether the error is knowable before any data is read)
+CASES = [
+    (["--stage1-lr", "-1"], "stage1_lr must be finite and > 0, got -1.0", True),
+    (["--stage2-lr", "nan"], "stage2_lr must be finite and > 0, got nan", True),
+    (["--weight-decay", "nan"], "weight_decay must be finite and >= 0, got nan", True),
+    (["--stage2-weight-decay", "-0.1"], "stage2_weight_decay must be finite and >= 0", True),
+    (["--stage2-epochs", "0"], "stage2_epochs must be >= 1, got 0", True),
+    (["--epochs", "0"], "unrecognized arguments: --epochs 0 (--epochs is now --stage1-epochs / --stage2-epochs)", True),
+    (["--image-size", "0"], "image_size must be >= 1, got 0", True),
+    (["--val-fraction", "0"], "val_fraction must lie in (0, 1)", True),
+    (["--imbalance-ratio", "0.5"], "imbalance_ratio must be finite and >= 1, got 0.5", True),
+    (["--fusion-ratio", "1.5"], "fusion_ratio must lie in [0, 1], got 1.5", True),
+    (["--method", "h2tt"], "unknown method 'h2tt'", True),
+    (["--loss", "nope"], "unknown loss 'nope'", True),
+    (["--stage", "3"], "argument --stage: invalid choice: '3'", True),
+    (["--mixed-precision", "fp32"], "argument --mixed-precision: invalid choice: 'fp32'", True),
+    (["--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'", True),
+    (["--resume", "maybe"], "argument --resume", True),
+    (["--loss-kwargs", "[1, 2]"], "argument --loss-kwargs: expected a YAML mapping", True),
+    (["--sampler", "random"], "sampler must be one of", True),
+    (["--report-to", "nope"], "report_to must be one of", True),
+    (["--max-per-class", "0"], "max_per_class must be >= 1, got 0", True),
+    (["--seed", "-1"], "seed must be >= 0, got -1", True),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag", True),
+    (["--dataset", "./no/such/folder"], "dataset path './no/such/folder' does not exist", True),
+    (["--dataset", "{tmp}/a_file"], "is a file", True),
+    (["--init-from", "/no/such/model"], "--init-from folder '/no/such/model' does not exist", True),
+    (["--init-from", "{tmp}/not_a_model"], "is not a saved model folder (no config.json)", True),
+    (["--config", "no_such_recipe"], "recipe 'no_such_recipe' not found", True),
+    (["--config", "{tmp}/bad_types.yaml"], "batch_size must be an integer, got str '16'", True),
+    (["--config", "{tmp}/list.yaml"], "a recipe must be a YAML mapping", True),
+    (["--config", "{tmp}/old_keys.yaml"], "unknown config keys ['epochs']", True),
+    (["--config", "{tmp}/broken.yaml"], "not valid YAML", True),
+    (["--push-to-hub"], "--push-to-hub needs --hub-model-id", True),
+    (["--push-to-hub", "--hub-model-id", "bad id!"], "hub_model_id 'bad id!' is not a Hub repo id", True),
+    (["--push-to-hub", "--hub-model-id", "me/model"], "--push-to-hub needs a Hub token", True),
+    (["--output-dir", "{tmp}/a_file"], "output_dir '{tmp}/a_file' is a file", True),
+    # data errors: known once the dataset is read, still before any extraction or training
+    (["--dataset", "{tmp}/two_class", "--label-column", "nope"], "label column 'nope' not in the dataset", False),
+    (["--dataset", "{tmp}/one_class"], "an image folder needs one sub-folder per class", False),
+]
+
+
+@pytest.mark.parametrize("extra, words, config_only", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
+def test_bad_argument_is_one_clear_line(tmp_path: Path, monkeypatch, capsys, extra, words, config_only) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no token on this machine, whatever is stored
+    fill = _files(tmp_path)
+    out = tmp_path / "out"
+    argv = [a.format(**fill) for a in TINY + ["--output-dir", str(out)] + extra]
+    capsys.readouterr()
+    t0 = time.monotonic()
+    code = finetune.main(argv)
+    elapsed = time.monotonic() - t0
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, (code, err)
+    if config_only:  # nothing ran: the error is all there is
+        assert err.splitlines() == [err], err
+    else:  # datasets may have drawn a progress bar while reading; the error is the last line, and one line
+        assert [line for line in err.splitlines() if "error" in line.lower()] == [err.splitlines()[-1]], err
+        err = err.splitlines()[-1]
+    assert err.startswith("error: ") and words.format(**fill) in err, err
+    assert "Traceback" not in captured.err + captured.out
+    # config errors: under 10 s (in practice well under a second). Data errors need the dataset read (an image
+    # folder is built by datasets) and the accelerator set up: bounded looser, for a loaded 2-core test machine.
+    assert elapsed < (10 if config_only else 30), elapsed
+    if config_only:  # refused before the output directory was even created
+        assert not out.exists()
+    else:  # refused before extraction / training
+        assert not (out / "features").exists() and not (out / "checkpoints" / "stage1").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--stage2-epochs", "0"], "error: stage2_epochs must be >= 1"),
+    (["--stage", "3"], "error: argument --stage: invalid choice"),
+    (["--dataset", "/no/such/dir"], "error: dataset path '/no/such/dir' does not exist"),
+])
+def test_the_literal_command_exits_2_with_one_line(tmp_path: Path, extra, words) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "recipes/finetune.py", *extra, "--output-dir", str(tmp_path / "o")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(words)
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    from pih2t_hub.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stage2_epochs must be >= 1"):
+        finetune.main(["--stage2-epochs", "0", "--debug", "--output-dir", str(tmp_path / "o")])

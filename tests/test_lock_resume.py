@@ -1,0 +1,148 @@
+"""The output lock (live holder, stale holder, re-entrancy) and the config check of ``--resume``, without training."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pih2t_hub.training.checkpoint import list_checkpoints, save_checkpoint
+from pih2t_hub.training.config import RunConfig
+from pih2t_hub.training.lock import LOCK_NAME, OutputLockedError, StaleLockError, output_lock, read_lock
+from pih2t_hub.training.resume import RESULT_NEUTRAL, ResumeError, config_differences, prepare_checkpoints
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pih2t_hub.training.lock import output_lock
+    with output_lock(sys.argv[1]):
+        Path(sys.argv[2]).write_text("held")
+        time.sleep(120)
+""")
+
+
+@pytest.fixture()
+def holder(tmp_path: Path):
+    """Another process holding the lock on ``tmp_path / 'out'``."""
+    script, ready = tmp_path / "holder.py", tmp_path / "ready"
+    script.write_text(HOLDER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out"), str(ready)], env=env)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_live_holder_is_named_and_the_lock_refused(tmp_path: Path, holder) -> None:
+    info = read_lock(tmp_path / "out" / LOCK_NAME)
+    assert info["pid"] == holder.pid and info["host"] == socket.gethostname()
+    t0 = time.monotonic()
+    with pytest.raises(OutputLockedError, match=f"locked by pid {holder.pid} on {socket.gethostname()}"):
+        with output_lock(tmp_path / "out", force=True):  # force never overrides a live holder
+            pass
+    assert time.monotonic() - t0 < 1
+
+
+def test_a_dead_holders_lock_is_stale_and_taken_over_only_with_force(tmp_path: Path, holder) -> None:
+    holder.kill()  # SIGKILL: no cleanup, the lock file stays, the kernel drops the flock
+    holder.wait()
+    out = tmp_path / "out"
+    assert (out / LOCK_NAME).exists()
+    with pytest.raises(StaleLockError, match=f"pid {holder.pid} .* is no longer running.*--force-unlock"):
+        with output_lock(out):
+            pass
+    assert read_lock(out / LOCK_NAME)["pid"] == holder.pid  # a refusal leaves the record as it was
+    reports: list[str] = []
+    with output_lock(out, force=True, report=reports.append):
+        assert read_lock(out / LOCK_NAME)["pid"] == os.getpid()
+    assert len(reports) == 1 and "taken over" in reports[0] and str(holder.pid) in reports[0]
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_lock_is_reentrant_and_released_on_exceptions(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with output_lock(tmp_path):
+            with output_lock(tmp_path):  # the CLI locks, then run() locks again
+                pass
+            assert (tmp_path / LOCK_NAME).exists()  # still held by the outer block
+            raise RuntimeError("crash")
+    assert not (tmp_path / LOCK_NAME).exists()
+    with output_lock(tmp_path):  # free again
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _checkpoint(root: Path, stage: str, step: int) -> None:
+    save_checkpoint(root / "checkpoints" / stage, step, lambda d: Path(d, "model.safetensors").write_bytes(b"x"),
+                    {"global_step": step})
+
+
+def _cfg(out: Path, **kw) -> RunConfig:
+    return RunConfig(output_dir=str(out), **kw).validate()
+
+
+def test_resume_refuses_another_config_and_lists_the_keys(tmp_path: Path) -> None:
+    prepare_checkpoints(_cfg(tmp_path, method="h2t", backbone="test_resnet"))
+    _checkpoint(tmp_path, "stage2", 5)
+    # the issue's cases: another method, --pretrained false, another backbone
+    with pytest.raises(ResumeError) as err:
+        prepare_checkpoints(_cfg(tmp_path, method="crt", backbone="test_vit", pretrained=False, resume=True))
+    msg = str(err.value)
+    assert "method: 'h2t' -> 'crt'" in msg and "backbone: 'test_resnet' -> 'test_vit'" in msg
+    assert "pretrained: True -> False" in msg and "seed" not in msg
+    # keys that do not change the result may differ (and the checkpoints stay)
+    same = _cfg(tmp_path, method="h2t", backbone="test_resnet", resume=True, checkpoint_every=3, keep_last=5,
+                num_workers=2)
+    assert prepare_checkpoints(same) is True
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints" / "stage2")] == ["checkpoint-5"]
+
+
+def test_config_differences_by_hand() -> None:
+    base = RunConfig().to_dict()
+    assert config_differences(base, base) == {}
+    other = {**base, "seed": 1, "imbalance_ratio": 100.0, "output_dir": "elsewhere", "report_to": "tensorboard"}
+    assert config_differences(other, base) == {"seed": (0, 1), "imbalance_ratio": (50.0, 100.0)}
+    recorded = {k: v for k, v in base.items() if k != "mixup_alpha"}  # a record from before the key existed
+    assert config_differences(base, recorded) == {}
+    assert {"output_dir", "resume", "checkpoint_every", "keep_last", "report_to"} <= RESULT_NEUTRAL
+    assert not {"method", "backbone", "pretrained", "dataset", "imbalance_ratio", "seed"} & RESULT_NEUTRAL
+
+
+def test_resume_without_a_valid_checkpoint_says_so_or_refuses(tmp_path: Path) -> None:
+    reports: list[str] = []
+    assert prepare_checkpoints(_cfg(tmp_path, resume=True), reports.append) is False
+    assert reports == [f"no valid checkpoint in {tmp_path / 'checkpoints'}: starting fresh"]
+    _checkpoint(tmp_path, "stage1", 3)
+    (tmp_path / "checkpoints" / "stage1" / "checkpoint-3" / "model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(ResumeError, match="no valid checkpoint in .*--resume-strict"):
+        prepare_checkpoints(_cfg(tmp_path, resume=True, resume_strict=True))
+
+
+def test_a_fresh_run_removes_an_earlier_runs_checkpoints(tmp_path: Path) -> None:
+    """Otherwise a later --resume could pick the earlier run's newer step."""
+    prepare_checkpoints(_cfg(tmp_path, seed=1))
+    _checkpoint(tmp_path, "stage1", 100)
+    reports: list[str] = []
+    prepare_checkpoints(_cfg(tmp_path, seed=2), reports.append)
+    assert list_checkpoints(tmp_path / "checkpoints" / "stage1") == []
+    assert reports == [f"removing 1 checkpoint(s) of an earlier run in {tmp_path / 'checkpoints'} (no --resume)"]
+    assert json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())["seed"] == 2
+
+
+def test_checkpoints_without_a_recorded_config_are_not_resumed(tmp_path: Path) -> None:
+    _checkpoint(tmp_path, "stage1", 3)
+    with pytest.raises(ResumeError, match="run_config.json is missing or unreadable"):
+        prepare_checkpoints(_cfg(tmp_path, resume=True))
