@@ -53,7 +53,7 @@ class Encoder:
 
 
 def extract(cache_dir, encode=None, dataset=None, **kwargs) -> FeatureCache:
-    kwargs = {"batch_size": 4, "shard_size": 8, "progress": False, **kwargs}
+    kwargs = {"batch_size": 4, "shard_size": 8, "progress": False, "num_workers": 0, **kwargs}
     return load_or_extract(encode or Encoder(), dataset or Toy(), cache_dir, kwargs.pop("manifest", MANIFEST), **kwargs)
 
 
