@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..data.features import load_or_extract
+from ..data.features import load_or_extract, open_for_training
 from ..data.longtail import make_long_tailed, resolve_label_column
 from ..data.samplers import (
     ClassBalancedSampler,
@@ -268,11 +268,12 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
                         # the split's exact rows (select() fingerprints are deterministic): a shared cache_dir
                         # must never serve features of other rows (e.g. another test_per_class or max_per_class)
                         "dataset": f"{cfg.dataset}:{data[split]._fingerprint}"}
-            with accelerator.main_process_first():
-                cache = load_or_extract(encode, images(split, False), cache_root / split, manifest,
-                                        batch_size=cfg.batch_size, dtype=cfg.feature_dtype,
-                                        progress=accelerator.is_local_main_process)
-            feats[split] = cache.as_tensor_dataset()
+            # every rank extracts its own contiguous part of the split (load_or_extract synchronises the ranks),
+            # then reads the whole cache: memory-mapped if small, with bounded-memory pread reads if large
+            cache = load_or_extract(encode, images(split, False), cache_root / split, manifest,
+                                    batch_size=cfg.batch_size, dtype=cfg.feature_dtype, device=accelerator.device,
+                                    num_workers=cfg.num_workers, progress=accelerator.is_local_main_process)
+            feats[split] = open_for_training(cache)
 
     head = model.classifier
 
