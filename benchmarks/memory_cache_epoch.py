@@ -182,65 +182,33 @@ def cache_is_there(workdir: Path, rows: int, dim: int) -> bool:
 
 def child(args: argparse.Namespace) -> int:
     """One stage-2 epoch in this (fresh) process, through the recipe's own ``_stage2``; prints one JSON line."""
-    import types
-
     import torch
+    from _stage2_epoch import stage2_epoch
     from accelerate import Accelerator
-    from torch.utils.data import DataLoader
 
-    from pih2t_hub.data.features import CacheRowReader, FeatureCache, open_for_training
-    from pih2t_hub.evaluation.metrics import longtail_metrics
-    from pih2t_hub.models.pih2t.heads import LinearHead
-    from pih2t_hub.training import run as recipe
-    from pih2t_hub.training.config import RunConfig
-    from pih2t_hub.training.methods import get_method
+    import pih2t_hub.evaluation.metrics  # noqa: F401  (everything the epoch imports, before the baseline)
+    import pih2t_hub.training.run  # noqa: F401
+    from pih2t_hub.data.features import FeatureCache
 
     after_imports = proc_status()
-    start = time.perf_counter()
-    cache = FeatureCache.open(args.workdir, verify=args.child == "recipe")  # load_or_extract verifies on reuse
-    verify_s = time.perf_counter() - start
+    verify_s = None
+    if args.child == "recipe":  # reopened as load_or_extract reopens a cache: every checksum verified
+        start = time.perf_counter()
+        FeatureCache.open(args.workdir, verify=True)
+        verify_s = time.perf_counter() - start
     after_verify = proc_status()
-    # "recipe": what run.py hands stage 2 now; "mmap": what it handed before (the memory-mapped TensorDataset)
-    train = open_for_training(cache) if args.child == "recipe" else cache.as_tensor_dataset()
-    labels = torch.from_numpy(np.load(Path(args.workdir) / "labels.npy", allow_pickle=False))
-    val_rows = torch.arange(0, len(cache), max(1, len(cache) // 5000))  # a small validation split, as in a run
-    val = torch.utils.data.TensorDataset(torch.from_numpy(CacheRowReader(args.workdir).read(val_rows)),
-                                         labels[val_rows])  # read with pread: touches no page of the mapping
-    counts = np.bincount(labels.numpy())
-    dim, num_classes = cache.feature_shape[0], len(counts)
-    del labels
-    out = Path(args.workdir) / "stage2-run"
-    cfg = RunConfig(method="h2t", fusion_ratio=0.25, stage2_mode="cached", epochs=1, batch_size=args.batch,
-                    output_dir=str(out), num_workers=0)
     accelerator = Accelerator(cpu=True)
-    feats = {"train": train, "val": val}
-
-    def eval_head(h, split):  # run.py's eval_head: logits of the split's cached features, long-tail metrics
-        h.eval()
-        loader = accelerator.prepare(DataLoader(feats[split], batch_size=max(cfg.batch_size, 256)))
-        logits, y = recipe.predict_logits(accelerator, lambda x: h(x.float()), loader)
-        return longtail_metrics(logits, y, counts)
-
-    def sgd(params, lr):
-        return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-
-    model = types.SimpleNamespace(pih2t=torch.nn.Identity())  # the frozen backbone is not used on cached features
     before_epoch = proc_status()
     load_before = os.getloadavg()[0]
     with PeakSampler(Path(args.workdir) / "features.npy") as sampler, contextlib.redirect_stderr(open(os.devnull, "w")):
-        start = time.perf_counter()
-        state, _ = recipe._stage2(accelerator, cfg, get_method("h2t"), model, LinearHead(dim, num_classes), feats,
-                                  counts, {"label_column": "label"}, None, torch.Generator().manual_seed(1), out,
-                                  eval_head, None, sgd, args.max_steps)
-        seconds = time.perf_counter() - start
+        state, seconds, dataset_type = stage2_epoch(Path(args.workdir), accelerator, args.batch, mode=args.child,
+                                                    max_steps=args.max_steps)
     steps = state.global_step if state is not None else args.max_steps
     end = {**proc_status(), "CacheFileRss": mapped_rss(Path(args.workdir) / "features.npy")}
-    shutil.rmtree(out, ignore_errors=True)
     print(json.dumps({
-        "mode": args.child, "dataset_type": type(train).__name__, "steps": steps, "samples": steps * args.batch,
+        "mode": args.child, "dataset_type": dataset_type, "steps": steps, "samples": steps * args.batch,
         "epoch_seconds": seconds, "final_loss": state.last_loss if state is not None else None,
-        "verify_seconds": verify_s if args.child == "recipe" else None, "after_verify": after_verify,
+        "verify_seconds": verify_s, "after_verify": after_verify,
         "after_imports": after_imports, "before_epoch": before_epoch, "end": end,
         "peaks_sampled": sampler.peaks, "vmhwm": end["VmHWM"], "timeline": sampler.timeline,
         "torch_threads": torch.get_num_threads(), "loadavg_1min_start_end": [round(load_before, 2),
