@@ -575,3 +575,28 @@ def test_a_killed_rank_resumes_to_the_same_bytes(tmp_path):
         cache = extract(out, encode, dataset=Toy(noise=True), num_views=2)
         assert encode.calls == expected
         assert files_bytes(cache) == reference
+
+
+def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_extraction.py --smoke: every backbone, both precisions, both paths, and the stage-2 epoch."""
+    root = Path(__file__).parent.parent
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(root),
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_extraction.py"), "--smoke", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GPU numbers are pending" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and result["gpu"] is None
+    assert set(result["extraction"]) == {"test_efficientnet", "test_resnet", "test_vit"}
+    for entry in result["extraction"].values():
+        assert entry["outputs_max_abs_diff_fp32"] < 1e-3
+        for precision in ("fp32", "bf16"):
+            assert all(v > 0 for v in entry[precision]["images_per_second"].values())
+    epoch = result["stage2_epoch"]
+    assert epoch["steps"] == -(-2000 // 512) and epoch["epoch_seconds_including_validation"] > 0
+    # without a GPU and without --smoke, the script refuses instead of reporting CPU numbers as GPU ones
+    refused = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_extraction.py")], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "GPU numbers are pending" in refused.stdout
