@@ -64,13 +64,7 @@ class FeatureWriter:
         if self.rows_written + len(rows) > self.shape[0]:
             raise ValueError(f"more than the {self.shape[0]} rows announced")
         rows = np.ascontiguousarray(rows)
-        values = rows.astype(np.float64, copy=False) if rows.dtype != np.float64 else rows
-        finite = np.isfinite(values)
-        self._nonfinite += int(values.size - np.count_nonzero(finite))
-        kept = np.where(finite, values, 0.0)
-        self._sum += float(kept.sum())
-        self._sumsq += float(np.square(kept).sum())
-        self._zeros += int(values.size - np.count_nonzero(values))
+        self._summarise(rows.reshape(-1))
         data = memoryview(rows.reshape(-1).view(np.uint8))
         start = 0
         while start < len(rows):
@@ -84,6 +78,22 @@ class FeatureWriter:
             if self.rows_written % self.block_rows == 0 or self.rows_written == self.shape[0]:
                 self.blocks.append(self._block.hexdigest())
                 self._block = hashlib.sha256()
+
+    def _summarise(self, flat: np.ndarray) -> None:
+        """Accumulate zeros, sum and sum of squares (float32 products, float64 totals; non-finite values counted and
+        left out), in pieces of 2^20 values so that the copies stay small and the pass stays cheap."""
+        for lo in range(0, flat.size, 1 << 20):
+            part = flat[lo : lo + (1 << 20)]
+            self._zeros += int(part.size - np.count_nonzero(part))
+            values = part.astype(np.float32, copy=False)
+            total, squares = float(values.sum(dtype=np.float64)), float(np.dot(values, values))
+            if not math.isfinite(total + squares):
+                finite = np.isfinite(values)
+                self._nonfinite += int(values.size - np.count_nonzero(finite))
+                values = values[finite].astype(np.float64)
+                total, squares = float(values.sum()), float(np.dot(values, values))
+            self._sum += total
+            self._sumsq += squares
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Fsync and rename into place; returns ``(file record, value summary)`` for the manifest."""
