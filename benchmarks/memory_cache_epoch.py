@@ -337,7 +337,7 @@ def main() -> int:
             "peak_above_import_baseline_mib": mib(r["vmhwm"] - r["after_imports"]["VmRSS"]),
             "target_above_baseline_met": r["vmhwm"] - r["after_imports"]["VmRSS"] < TARGET_ABOVE_BASELINE,
             "verify_seconds": None if r["verify_seconds"] is None else round(r["verify_seconds"], 2),
-            "verify_gb_per_second": None if not r["verify_seconds"] else round(size_bytes / 1e9 / r["verify_seconds"], 2),
+            "verify_gb_per_second": round(size_bytes / 1e9 / r["verify_seconds"], 2) if r["verify_seconds"] else None,
             "target_met": r["vmhwm"] < TARGET_BYTES,
             "final_loss": round(r["final_loss"], 4),
             "loadavg_1min_start_end": r["loadavg_1min_start_end"],

@@ -119,7 +119,8 @@ def adapter_section(args: argparse.Namespace, model) -> dict:
     print(f"  {'path':<12}{'ms/batch':>10}{'images/s':>11}")
     for k in ("adapter", "bare_timm"):
         print(f"  {k:<12}{1e3 * med[k]:>10.1f}{ips[k]:>11.1f}")
-    print(f"  adapter / bare throughput: {ratio:.4f}  target >= {TARGET}  met: {'yes' if result['target_met'] else 'no'}")
+    met = "yes" if result["target_met"] else "no"
+    print(f"  adapter / bare throughput: {ratio:.4f}  target >= {TARGET}  met: {met}")
     return result
 
 
@@ -265,21 +266,24 @@ def processes_section(args: argparse.Namespace, workdir: Path) -> dict:
     data_dir = workdir / "jpegs"
     jpeg_dataset(args.process_images).save_to_disk(str(data_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result: dict = {"images": args.process_images, "batch_size": args.batch, "shard_size": args.shard_size, "torch_threads_per_process": 1,
+    result: dict = {"images": args.process_images, "batch_size": args.batch, "shard_size": args.shard_size,
+                    "torch_threads_per_process": 1,
                     "workers_per_process": 0}
     for nproc in (1, 2):
         cache = workdir / f"procs-{nproc}"
         print(f"processes: {nproc} process(es) over {args.process_images} JPEGs ...", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(Path(__file__).resolve()), "--child-processes", str(data_dir), "--cache", str(cache),
-               "--batch", str(args.batch), "--shard-size", str(args.shard_size)] + (["--random-weights"] if args.random_weights else [])
+               "--batch", str(args.batch), "--shard-size", str(args.shard_size)]
+        cmd += ["--random-weights"] if args.random_weights else []
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{nproc}-process extraction failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         ranks = json.loads((cache / "timing.json").read_text())
         slowest = max(r["seconds"] for r in ranks)
+        digest = hashlib.sha256((cache / "features.npy").read_bytes()).hexdigest()
         result[f"{nproc}_process"] = {"ranks": ranks, "images_per_second": round(args.process_images / slowest, 2),
-                                      "sha256_features": hashlib.sha256((cache / "features.npy").read_bytes()).hexdigest()}
+                                      "sha256_features": digest}
     one, two = result["1_process"], result["2_process"]
     result["speedup_2_over_1"] = round(two["images_per_second"] / one["images_per_second"], 3)
     result["caches_identical"] = one["sha256_features"] == two["sha256_features"]

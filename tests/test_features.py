@@ -583,8 +583,9 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path, monkeypatch, capsys):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(root),
            "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_extraction.py"), "--smoke", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    script = root / "benchmarks" / "gpu_extraction.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GPU numbers are pending" in proc.stdout
     result = json.loads(out.read_text())

@@ -436,7 +436,8 @@ def _extract_shards(job: _Job, cache_dir: Path, shards: list[int], progress_bar=
         return
     plan = job.batches(shards)
     pin = job.device is not None and job.device.type == "cuda"
-    loader = DataLoader(_SeededRows(job.dataset, job.seed), batch_sampler=[[(v, r) for r in rows] for _, v, rows in plan],
+    batches = [[(view, row) for row in rows] for _, view, rows in plan]
+    loader = DataLoader(_SeededRows(job.dataset, job.seed), batch_sampler=batches,
                         num_workers=job.num_workers, collate_fn=job.collate_fn, pin_memory=pin)
     features: list[list[np.ndarray]] = [[] for _ in range(job.num_views)]
     labels: list[list[np.ndarray]] = [[] for _ in range(job.num_views)]
