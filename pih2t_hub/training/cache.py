@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from ..data.features import load_or_extract
+from ..data.features import load_or_extract, open_for_training
 from .context import RunContext, weights_fingerprint
 
 
@@ -35,11 +35,12 @@ def extract_features(ctx: RunContext, splits: tuple[str, ...] = ("train", "val",
                     # the split's exact rows (select() fingerprints are deterministic): a shared cache_dir must
                     # never serve features of other rows (e.g. another test_per_class or max_per_class)
                     "dataset": f"{cfg.dataset}:{ctx.data[split]._fingerprint}"}
-        with acc.main_process_first():
-            cache = load_or_extract(encode, ctx.images(split, False), root / split, manifest,
-                                    batch_size=cfg.batch_size, dtype=cfg.feature_dtype,
-                                    progress=ctx.progress and acc.is_local_main_process)
-        feats[split] = cache.as_tensor_dataset()
+        # every rank extracts its own contiguous part of the split (load_or_extract synchronises the ranks), then
+        # reads the whole cache: memory-mapped if small, with bounded-memory pread reads if large
+        cache = load_or_extract(encode, ctx.images(split, False), root / split, manifest,
+                                batch_size=cfg.batch_size, dtype=cfg.feature_dtype, device=acc.device,
+                                num_workers=cfg.num_workers, progress=ctx.progress and acc.is_local_main_process)
+        feats[split] = open_for_training(cache)
     return feats
 
 
