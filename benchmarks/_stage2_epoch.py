@@ -1,7 +1,7 @@
 """One stage-2 epoch over a feature cache through the recipe's own stage-2 function (shared by two benchmarks).
 
-``pih2t_hub.training.run._stage2`` is what ``recipes/finetune.py`` runs for stage 2: its sampler and
-``DualBranchDataset`` loader, its cached step (fusion, head, loss), ``train_loop`` on accelerate, then validation.
+``pih2t_hub.training.stage2.run_stage2`` is what ``recipes/finetune.py`` runs for stage 2: the method's sampler
+and ``DualBranchDataset`` loader, its cached step (fusion, head, loss), ``train_loop`` on accelerate, validation.
 Here it is handed the dataset ``open_for_training`` returns (what ``run.py`` hands it) or, for contrast, the
 memory-mapped ``TensorDataset``, plus a small validation split read with ``pread``.
 """
@@ -20,14 +20,15 @@ import torch
 def stage2_epoch(cache_dir: Path, accelerator: Any, batch: int, mode: str = "recipe", method: str = "h2t",
                  max_steps: int | None = None, val_rows: int = 5000) -> tuple[Any, float, str]:
     """Run one epoch; returns ``(loop state or None if stopped early, seconds, type of the training dataset)``."""
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
     from pih2t_hub.data.features import CacheRowReader, FeatureCache, open_for_training
-    from pih2t_hub.evaluation.metrics import longtail_metrics
+    from pih2t_hub.methods import get_method
     from pih2t_hub.models.pih2t.heads import LinearHead
-    from pih2t_hub.training import run as recipe
     from pih2t_hub.training.config import RunConfig
-    from pih2t_hub.training.methods import get_method
+    from pih2t_hub.training.context import RunContext
+    from pih2t_hub.training.loop import StopAfterSteps
+    from pih2t_hub.training.stage2 import method_context, run_stage2
 
     cache = FeatureCache.open(cache_dir)
     train = open_for_training(cache) if mode == "recipe" else cache.as_tensor_dataset()
@@ -38,29 +39,18 @@ def stage2_epoch(cache_dir: Path, accelerator: Any, batch: int, mode: str = "rec
     dim, num_classes = cache.feature_shape[0], len(counts)
     del labels
     out = Path(cache_dir) / "stage2-run"
-    cfg = RunConfig(method=method, fusion_ratio=0.25, stage2_mode="cached", epochs=1, batch_size=batch,
-                    output_dir=str(out), num_workers=0)
-    feats = {"train": train, "val": val}
-
-    def eval_head(h, split):  # run.py's eval_head: logits of the split's cached features, long-tail metrics
-        h.eval()
-        loader = accelerator.prepare(DataLoader(feats[split], batch_size=max(cfg.batch_size, 256)))
-        logits, y = recipe.predict_logits(accelerator, lambda x: h(x.float()), loader)
-        return longtail_metrics(logits, y, counts)
-
-    def sgd(params, lr):
-        return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-
-    model = types.SimpleNamespace(pih2t=torch.nn.Identity())  # the frozen backbone is not used on cached features
+    cls = get_method(method)
+    cfg = cls.resolve(RunConfig(method=method, fusion_ratio=0.25, stage2_mode="cached", stage2_epochs=1,
+                                batch_size=batch, stage2_batch_size=batch, output_dir=str(out), num_workers=0))
+    # the frozen backbone is not used on cached features
+    model = types.SimpleNamespace(pih2t=torch.nn.Identity(), classifier=LinearHead(dim, num_classes))
+    ctx = RunContext(accelerator=accelerator, cfg=cfg, method=cls(cfg), data={"class_counts": counts}, model=model,
+                     train_tf=None, eval_tf=None, features={"train": train, "val": val}, checkpoints=False,
+                     callbacks=[StopAfterSteps(max_steps)] if max_steps else [],
+                     fusion_generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
-    state, _ = recipe._stage2(accelerator, cfg, get_method(method), model, LinearHead(dim, num_classes), feats,
-                              counts, {"label_column": "label"}, None, torch.Generator().manual_seed(1), out,
-                              eval_head, None, sgd, max_steps)
+    state, _ = run_stage2(ctx, method_context(ctx, {}))  # what a run's stage 2 does on cached features
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    return state, seconds, type(train).__name__
+    return (None if state.stopped else state), seconds, type(train).__name__

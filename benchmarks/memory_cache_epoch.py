@@ -6,7 +6,7 @@ Setup: a synthetic cache (``features.npy`` fp16, ``labels.npy`` int64 with expon
 reused if it is already there and deleted at the end unless ``--keep``.
 
 The epoch: one H2T (p = 0.25) stage-2 epoch through the recipe's own stage-2 function
-(``pih2t_hub.training.run._stage2``: its ``DualBranchSampler`` / ``DualBranchDataset`` loader, its cached step,
+(``pih2t_hub.training.stage2.run_stage2``: its ``DualBranchSampler`` / ``DualBranchDataset`` loader, its cached step,
 ``train_loop`` on accelerate, CPU), batch ``--batch`` pairs, linear head, then its validation on 5,000 rows.
 Each mode runs in a fresh child process so that its peak is its own:
 
@@ -181,7 +181,7 @@ def cache_is_there(workdir: Path, rows: int, dim: int) -> bool:
 
 
 def child(args: argparse.Namespace) -> int:
-    """One stage-2 epoch in this (fresh) process, through the recipe's own ``_stage2``; prints one JSON line."""
+    """One stage-2 epoch in this (fresh) process, through the run's own stage-2 function; prints one JSON line."""
     import torch
     from _stage2_epoch import stage2_epoch
     from accelerate import Accelerator

@@ -97,21 +97,32 @@ class _Discard:
         pass
 
 
+def plugin_fusion(method: str, cfg: Any, generator: torch.Generator, train: tuple | None = None) -> Callable:
+    """The fusion a method plug-in builds for stage 2 (what the run uses), from the cached train features."""
+    import numpy as np
+
+    from pih2t_hub.methods import Stage2Context, get_method
+
+    counts = np.bincount(train[1].numpy()) if train is not None else np.ones(2, dtype=int)
+    ctx = Stage2Context(cfg=cfg, class_counts=counts, generator=generator, train_features=train)
+    return get_method(method)(cfg).make_fusion(ctx)
+
+
 def timed_loop(accelerator, head: nn.Module, loader: DataLoader, step_of: Callable, epochs: int,
                hooks: list) -> tuple[float, int]:
     """Warm up one step, then time ``epochs`` whole epochs of the real ``train_loop``; (seconds, steps)."""
-    from pih2t_hub.training.loop import cosine_per_epoch, train_loop
+    from pih2t_hub.training.loop import EpochHook, StopAfterSteps, cosine_per_epoch, train_loop
 
     opt = sgd(head)
     head_p, opt, loader_p = accelerator.prepare(head, opt, loader)
     step = step_of(head_p)
     lr = opt.param_groups[0]["lr"]
-    kwargs = dict(trainable=head_p, optimizer=opt, loader=loader_p, step=step, lr_at_epoch=cosine_per_epoch(lr, epochs),
-                  set_epoch_hooks=hooks)
-    with contextlib.redirect_stderr(_Discard()):
-        train_loop(accelerator, epochs=1, stop_after_steps=1, **kwargs)  # warm-up (allocations, oneDNN kernels)
+    kwargs = dict(trainable=head_p, optimizer=opt, loader=loader_p, step=step, lr_at_epoch=cosine_per_epoch(lr, epochs))
+    hooks = [EpochHook(h) for h in hooks]
+    with contextlib.redirect_stderr(_Discard()):  # warm-up (allocations, oneDNN kernels)
+        train_loop(accelerator, epochs=1, callbacks=[*hooks, StopAfterSteps(1)], **kwargs)
         start = time.perf_counter()
-        state = train_loop(accelerator, epochs=epochs, **kwargs)
+        state = train_loop(accelerator, epochs=epochs, callbacks=hooks, **kwargs)
         elapsed = time.perf_counter() - start
     return elapsed, state.global_step
 
@@ -127,8 +138,6 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     from pih2t_hub.data.samplers import DualBranchDataset, DualBranchSampler
     from pih2t_hub.losses import build_loss
     from pih2t_hub.training.config import RunConfig
-    from pih2t_hub.training.methods import get_method
-    from pih2t_hub.training.run import make_fusion
     from pih2t_hub.training.steps import cached_fused_features, online_fused_features
 
     accelerator = Accelerator(cpu=True)
@@ -140,7 +149,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     images = torch.randn(args.images, 3, size, size, generator=gen)
     labels = long_tailed_labels(args.images, args.classes, 100.0, seed=0)
     cfg = RunConfig(fusion_ratio=0.25)
-    fuse = make_fusion(get_method("h2t"), cfg, torch.Generator().manual_seed(1), None)
+    fuse = plugin_fusion("h2t", cfg, torch.Generator().manual_seed(1))
     loss_fn = build_loss("ce")
     batch = args.batch
 
@@ -188,7 +197,9 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     online_epoch = online_s / args.online_epochs
     cached_epoch = cached_s / args.cached_epochs
-    stage2_epochs = RunConfig().epochs
+    from pih2t_hub.methods import get_method
+
+    stage2_epochs = get_method("h2t").recipe.epochs  # H2T's published stage-2 length
     return {
         "backbone": "effnet_lite0 (timm tf_efficientnet_lite0, "
                     + ("random weights" if args.random_weights else "ImageNet weights") + ")",
@@ -227,8 +238,6 @@ def _step_setup(args: argparse.Namespace, classes: int):
     (``global``; every row-wise candidate costs the same in the step), and ``pair`` (a class-pair table lookup)."""
     from pih2t_hub.models.pih2t.fusion import H2TFusion, class_prototypes
     from pih2t_hub.training.config import RunConfig
-    from pih2t_hub.training.methods import get_method
-    from pih2t_hub.training.run import make_fusion
 
     gen = torch.Generator().manual_seed(0)
     pool_n = 20 * classes
@@ -240,9 +249,8 @@ def _step_setup(args: argparse.Namespace, classes: int):
     pair = H2TFusion.from_features(cache, pool_y, classes, distance="pair", mode=cfg.h2tf_mode)
     fusions = {
         "plain": None,
-        "h2t": make_fusion(get_method("h2t"), cfg, torch.Generator().manual_seed(1), None),
-        "h2tf (on the fly)": make_fusion(get_method("pi-h2t"), cfg, torch.Generator().manual_seed(2),
-                                         class_prototypes(cache.float(), pool_y, classes)),
+        "h2t": plugin_fusion("h2t", cfg, torch.Generator().manual_seed(1)),
+        "h2tf (on the fly)": plugin_fusion("pi-h2t", cfg, torch.Generator().manual_seed(2), (cache, pool_y)),
         "h2tf (precomputed rho)": precomputed,
         "h2tf pair (class-pair table)": pair,
     }
@@ -361,8 +369,6 @@ def bench_loader_epoch(args: argparse.Namespace) -> dict[str, Any]:
     from pih2t_hub.models.pih2t.fusion import H2TFusion
     from pih2t_hub.models.pih2t.heads import LinearHead
     from pih2t_hub.training.config import RunConfig
-    from pih2t_hub.training.methods import get_method
-    from pih2t_hub.training.run import make_fusion
     from pih2t_hub.training.steps import cached_fused_features
 
     accelerator = Accelerator(cpu=True)
@@ -373,7 +379,7 @@ def bench_loader_epoch(args: argparse.Namespace) -> dict[str, Any]:
     ds = TensorDataset(feats, labels)
     h2tf = H2TFusion.from_features(feats, labels, args.classes, distance="global")
     ds_rho = TensorDataset(feats, labels, h2tf.precompute(feats, labels))
-    fuse = make_fusion(get_method("h2t"), RunConfig(fusion_ratio=0.25), torch.Generator().manual_seed(1), None)
+    fuse = plugin_fusion("h2t", RunConfig(fusion_ratio=0.25), torch.Generator().manual_seed(1))
     loss_fn = build_loss("ce")
     head0 = LinearHead(args.dim, args.classes)
 
