@@ -322,7 +322,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, stop_after_steps: int | 
     elif cfg.stage in ("2", "both") and spec.tau_norm:
         head = _apply_tau_norm(head, feats, results)
     elif cfg.stage in ("2", "both") and spec.name == "dlsa":
-        rows[spec.name] = _run_dlsa(cfg, feats, counts, head, results)
+        rows[spec.name] = _run_dlsa(cfg, feats, counts, head, results, model)
 
     # ---------------- final evaluation on test
     if spec.name != "dlsa":
@@ -548,8 +548,8 @@ def _apply_tau_norm(head: nn.Module, feats: dict[str, TensorDataset], results: d
     return head
 
 
-def _run_dlsa(cfg: RunConfig, feats, counts, head, results) -> dict[str, float]:
-    from ..methods.dlsa import DLSAConfig, fit_dlsa
+def _run_dlsa(cfg: RunConfig, feats, counts, head, results, model) -> dict[str, float]:
+    from ..methods.dlsa import DLSAConfig, fit_dlsa, install_head
 
     xtr, ytr = feats["train"].tensors
     xva, yva = feats["val"].tensors
@@ -563,6 +563,8 @@ def _run_dlsa(cfg: RunConfig, feats, counts, head, results) -> dict[str, float]:
     m = summarize(final)
     results["test"] = m
     results["per_class"] = [float(a) for a in final["per_class"]]
+    results["dlsa"] = {"config": dl_cfg.to_dict(), "history": dl.history}  # flow lr used, restarts, routed counts
+    install_head(model, dl)  # the saved model is the one these numbers come from
     return m
 
 

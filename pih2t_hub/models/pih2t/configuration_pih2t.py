@@ -11,7 +11,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 BACKBONE_SOURCES = ("timm", "hf")
-HEAD_TYPES = ("linear", "cosine")
+HEAD_TYPES = ("linear", "cosine", "dlsa")
 HF_POOLING = ("cls", "mean")
 PIF_MODES = ("replace", "residual")
 PIF_STATS = ("mean", "max")
@@ -47,7 +47,7 @@ class PIH2TConfig(PretrainedConfig):
         num_features (`int`, *optional*):
             Width of the pooled feature; filled in when the model is built.
         head_type (`str`, defaults to `"linear"`):
-            ``"linear"`` or ``"cosine"`` classifier.
+            ``"linear"`` or ``"cosine"`` classifier, or ``"dlsa"`` (a fitted DLSA model, see ``head_config``).
         head_bias (`bool`, defaults to `True`):
             Bias of the linear head (the cosine head has none).
         cosine_scale (`float`, defaults to 16.0):
@@ -69,6 +69,8 @@ class PIH2TConfig(PretrainedConfig):
             fusion is a training-time operation.
         class_counts (`list[int]`, *optional*):
             Training images per class, for balanced losses, shot groups and the model card.
+        head_config (`dict`, *optional*):
+            Keyword arguments of heads with more structure than a matrix (``"dlsa"``: depth, clusters, flow sizes).
     """
 
     model_type = "pih2t"
@@ -94,6 +96,7 @@ class PIH2TConfig(PretrainedConfig):
         method: str = "ce",
         fusion_ratio: float = 0.25,
         class_counts: list[int] | None = None,
+        head_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_choice("backbone_source", backbone_source, BACKBONE_SOURCES)
@@ -129,6 +132,7 @@ class PIH2TConfig(PretrainedConfig):
         self.method = method
         self.fusion_ratio = float(fusion_ratio)
         self.class_counts = list(class_counts) if class_counts is not None else None
+        self.head_config = dict(head_config) if head_config is not None else None
         super().__init__(**kwargs)
         if self.class_counts is not None and len(self.class_counts) != self.num_labels:
             raise ValueError(
