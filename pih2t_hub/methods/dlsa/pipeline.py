@@ -296,7 +296,9 @@ def _train_head(
     if best_state is not None:
         head.load_state_dict(best_state)
     head.eval()
-    return {"best_epoch": best_epoch if best_state is not None else config.cls_epochs, "val_acc": best_acc if best_state is not None else None}
+    if best_state is None:
+        return {"best_epoch": config.cls_epochs, "val_acc": None}
+    return {"best_epoch": best_epoch, "val_acc": best_acc}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,7 +472,8 @@ def _flow_selection(
             if config.scale_size_thresholds:
                 ratio = sel_x.shape[0] / x_d.shape[0]
         elif val is not None:
-            logger.warning("depth %d: no validation samples left to select the flow epoch on; using training samples", d + 1)
+            logger.warning("depth %d: no validation samples left to select the flow epoch on; using training samples",
+                           d + 1)
         else:
             logger.info("depth %d: no validation split given; selecting the flow epoch on training samples", d + 1)
     selection = FlowSelection(

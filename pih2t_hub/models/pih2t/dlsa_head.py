@@ -393,7 +393,8 @@ class DLSAHead(nn.Module):
             raise ValueError(f"cacls_inputs must be one of {_CACLS_INPUTS}, got {cacls_inputs!r}")
         if max_depth < 1 or num_clusters < 1 or num_classes < 2:
             raise ValueError(
-                f"need max_depth >= 1, num_clusters >= 1, num_classes >= 2; got {max_depth}, {num_clusters}, {num_classes}"
+                f"need max_depth >= 1, num_clusters >= 1, num_classes >= 2; "
+                f"got {max_depth}, {num_clusters}, {num_classes}"
             )
         self._config = {
             "num_clusters": int(num_clusters), "max_depth": int(max_depth), "flow_blocks": int(flow_blocks),
@@ -410,7 +411,8 @@ class DLSAHead(nn.Module):
         )
         z_dim = in_features + num_classes if cacls_inputs == "XZP" else in_features
         self.cacls = nn.ModuleList(
-            DualHead(in_features, z_dim, num_classes, classifier_type, cosine_scale, generator) for _ in range(max_depth)
+            DualHead(in_features, z_dim, num_classes, classifier_type, cosine_scale, generator)
+            for _ in range(max_depth)
         )
         self.regcls = DualHead(in_features, in_features, num_classes, classifier_type, cosine_scale, generator)
         self.register_buffer("thresholds", torch.full((max_depth,), float("inf")))
@@ -443,7 +445,9 @@ class DLSAHead(nn.Module):
     def route_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routes (B,) (0..L-1: cluster-aided classifier of that depth; L: regular) and logits (B, C)."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"DLSA head expects pooled features of shape (B, {self.in_features}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"DLSA head expects pooled features of shape (B, {self.in_features}), got {tuple(x.shape)}"
+            )
         n = x.shape[0]
         routes = torch.full((n,), self.regular_route, dtype=torch.long, device=x.device)
         logits = x.new_zeros(n, self.num_classes)
