@@ -1,9 +1,14 @@
-"""Tests for DLSA (pih2t_hub.methods.dlsa) against computations written here from the equations of METHODS.md §3."""
+"""Tests for DLSA (pih2t_hub.methods.dlsa) against computations written here from the method's equations."""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,16 +19,21 @@ from pih2t_hub.methods.dlsa import (
     MAF,
     BatchNormFlow,
     DLSAConfig,
+    DLSAHead,
     DualHead,
     FlowGMM,
     cluster_prior,
     fit_dlsa,
+    install_head,
     likelihood_threshold,
     split_by_likelihood,
     train_flowgmm,
 )
 from pih2t_hub.methods.dlsa.flowgmm import (
     BalanceLoss,
+    FlowDiverged,
+    FlowObjective,
+    FlowSelection,
     ClassPairSampler,
     class_pair_weights,
     cluster_purity_score,
@@ -336,8 +346,8 @@ def fitted(lt_data):
 def test_train_flowgmm_keeps_best_qualifying_epoch(lt_data):
     (tx, ty), (vx, vy), _ = lt_data
     model = FlowGMM(8, 6, generator=_gen())
-    res = train_flowgmm(model, tx, ty, select_x=vx, select_y=vy, epochs=4, batch_size=64, lr=0.05,
-                        min_cluster_size=1, max_cluster_size=1000, generator=_gen(1))
+    res = train_flowgmm(model, tx, ty, FlowObjective(epochs=4, batch_size=64, lr=0.05),
+                        FlowSelection(vx, vy, min_cluster_size=1, max_cluster_size=1000), generator=_gen(1))
     assert res.best_epoch == 1 + max(range(4), key=lambda e: (res.epoch_scores[e], -e))
     # the reloaded weights reproduce the best epoch's score (purity recomputed here by hand)
     model.eval()
@@ -355,8 +365,8 @@ def test_train_flowgmm_keeps_best_qualifying_epoch(lt_data):
 def test_train_flowgmm_warns_when_no_epoch_qualifies(lt_data, caplog):
     (tx, ty), _, _ = lt_data
     with caplog.at_level(logging.WARNING):
-        res = train_flowgmm(FlowGMM(8, 6, generator=_gen()), tx, ty, select_x=tx, select_y=ty, epochs=1,
-                            batch_size=64, lr=0.05, max_cluster_size=0, generator=_gen(1))
+        res = train_flowgmm(FlowGMM(8, 6, generator=_gen()), tx, ty, FlowObjective(epochs=1, batch_size=64, lr=0.05),
+                            FlowSelection(tx, ty, max_cluster_size=0), generator=_gen(1))
     assert res.best_epoch is None
     assert "keeping the last epoch" in caplog.text
 
@@ -477,3 +487,190 @@ def test_fit_rejects_bad_input(lt_data, fitted):
         fitted.predict(torch.randn(4, 9))
     with pytest.raises(ValueError, match="NaN"):
         fitted.predict(bad[:4])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stable defaults
+
+
+def _relu6_features(protos, counts, generator):
+    """Class clusters through ReLU6, like pooled EfficientNet-Lite features: many exact zeros, a few saturated."""
+    xs = [(protos[c] + 0.8 * torch.randn(n, protos.shape[1], generator=generator)).clamp(0, 6)
+          for c, n in enumerate(counts)]
+    ys = [torch.full((n,), c, dtype=torch.long) for c, n in enumerate(counts)]
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.fixture(scope="module")
+def relu6_data():
+    g = _gen(0)
+    protos = torch.randn(5, 256, generator=g) - 0.5
+    # 590 training samples: just above the default K = 500, like the default demo run (755)
+    return _relu6_features(protos, [300, 150, 80, 40, 20], g), _relu6_features(protos, [20] * 5, g)
+
+
+def test_released_flow_lr_diverges_on_relu6_features(relu6_data):
+    """The features of the next test are hard: the released optimiser (lr 0.2, no clipping) blows up on them."""
+    (tx, ty), (vx, vy) = relu6_data
+    cfg = DLSAConfig.from_preset("imagenet_lt_ce_r50_bsm", flow_nan_restarts=0, flow_epochs=10, cls_epochs=1)
+    assert (cfg.flow_lr, cfg.flow_grad_clip) == (0.2, None)
+    with pytest.raises(FlowDiverged, match="after 0 restart"):
+        fit_dlsa(tx, ty, vx, vy, cfg, seed=0)
+
+
+def test_default_flow_optimiser_fits_relu6_features_without_nan(relu6_data):
+    """Every flow setting is the default (K = 500, lr, clipping, width D); only the epochs are cut for time."""
+    (tx, ty), (vx, vy) = relu6_data
+    cfg = DLSAConfig(flow_epochs=10, cls_epochs=10, cacls_lr=0.1, regcls_lr=0.1)
+    model = fit_dlsa(tx, ty, vx, vy, cfg, seed=0)
+    depth = model.history[0]
+    assert depth["flow_restarts"] == [] and depth["flow_lr"] == DLSAConfig().flow_lr == 0.02
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+    assert math.isfinite(depth["tau"]) and depth["n_train_filtered"] == len(tx) - math.floor(len(tx) * 0.7)
+    assert torch.isfinite(model.flows[0].log_prob(vx)).all()
+    acc = float((model.predict(vx) == vy).double().mean())
+    assert acc > 0.5, acc  # 5 balanced classes: chance is 0.2
+
+
+def test_flow_restarts_with_halved_lr_after_divergence(lt_data, caplog):
+    (tx, ty), (vx, vy), _ = lt_data
+    model = FlowGMM(8, 6, generator=_gen())
+    initial = copy.deepcopy(model.state_dict())
+    objective = FlowObjective(epochs=2, batch_size=64, lr=20.0)  # diverges in the first epoch on these features
+    with caplog.at_level(logging.WARNING):
+        res = train_flowgmm(model, tx, ty, objective, FlowSelection(vx, vy), nan_restarts=10, generator=_gen(1))
+    k = len(res.restarts)
+    assert 1 <= k <= 10
+    assert [r["lr"] for r in res.restarts] == [20.0 / 2**i for i in range(k)]
+    assert res.lr == 20.0 / 2**k and len(res.epoch_scores) == 2
+    assert caplog.text.count("restarting the flow from its initial weights") == k
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+    # without restarts the same run is an error that names the cause and the way out
+    again = FlowGMM(8, 6, generator=_gen())
+    again.load_state_dict(initial)
+    with pytest.raises(FlowDiverged, match=r"at epoch \d+ \(flow lr 20, after 0 restart.*lower flow_lr"):
+        train_flowgmm(again, tx, ty, objective, FlowSelection(vx, vy), nan_restarts=0, generator=_gen(1))
+
+
+def test_gradient_clipping_bounds_every_flow_step(lt_data):
+    """With clipping at c and plain SGD, no step moves the parameters further than lr · c (in global L2 norm)."""
+    (tx, ty), (vx, vy), _ = lt_data
+    model = FlowGMM(8, 6, generator=_gen())
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    lr, clip = 0.5, 0.01
+    train_flowgmm(model, tx, ty, FlowObjective(epochs=1, batch_size=len(tx), lr=lr, grad_clip=clip),
+                  FlowSelection(vx, vy, max_cluster_size=10**6), generator=_gen(1))  # one step
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < float((after - before).norm()) <= lr * clip * (1 + 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export: the fitted DLSA as the head of a saved PIH2TForImageClassification
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """DLSA fitted on features of the tiny backbone's width, installed in a model and saved."""
+    from pih2t_hub import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_labels=5, class_counts=[120, 60, 30, 15, 8]).eval()
+    dim = model.config.num_features
+    g = _gen(3)
+    means = torch.randn(5, dim, generator=g) * 0.5
+    train, val, test = (_mixture(c, means, g) for c in ([120, 60, 30, 15, 8], [8] * 5, [30] * 5))
+    dl = fit_dlsa(*train, *val, _small_config(flow_epochs=3, cls_epochs=20), seed=0)
+    install_head(model, dl)
+    path = tmp_path_factory.mktemp("dlsa_model")
+    model.save_pretrained(path)
+    return dl, model, path, test[0]
+
+
+def test_to_head_computes_the_fitted_model(exported):
+    dl, _, _, sx = exported
+    head = dl.to_head()
+    assert type(head) is DLSAHead
+    config = json.loads(json.dumps(head.head_config()))  # plain JSON
+    rebuilt = DLSAHead(dl.in_features, dl.num_classes, **config)
+    rebuilt.load_state_dict(head.state_dict())
+    routes, logits = dl.route_and_logits(sx)
+    for h in (head, rebuilt.eval()):
+        with torch.no_grad():
+            r, out = h.route_and_logits(sx)
+        assert torch.equal(r, routes) and torch.equal(out, logits)
+    assert len(set(routes.tolist())) >= 2  # more than one classifier is exercised
+
+
+def test_head_keeps_the_fitted_routing_in_training_mode(exported):
+    dl, _, _, sx = exported
+    head = dl.to_head()
+    stats = [b.clone() for n, b in head.named_buffers() if "running" in n]
+    head.train()
+    assert not any(f.training for f in head.flows.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(head(sx), dl.logits(sx), atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(stats, (b for n, b in head.named_buffers() if "running" in n)))
+
+
+def test_saved_dlsa_model_reloads_with_auto_class(exported):
+    from transformers import AutoModelForImageClassification
+
+    dl, model, path, sx = exported
+    files = set(os.listdir(path))
+    assert {"model.safetensors", "config.json", "dlsa_head.py", "heads.py"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["head_type"] == "dlsa" and cfg["head_config"]["max_depth"] == 2
+    loaded = AutoModelForImageClassification.from_pretrained(path).eval()
+    assert type(loaded.classifier).__name__ == "DLSAHead"
+    with torch.no_grad():
+        routes, logits = loaded.classifier.route_and_logits(sx)
+        torch.testing.assert_close(loaded.forward_head(sx), dl.logits(sx), atol=1e-5, rtol=0)
+        # end to end: images -> the backbone's pooled features -> the same DLSA decision
+        _, h, w = loaded.config.backbone_data_config["input_size"]
+        pixels = torch.randn(6, 3, h, w, generator=_gen(5))
+        pooled = loaded.pih2t(pixels).pooler_output
+        torch.testing.assert_close(loaded(pixels).logits, dl.logits(pooled), atol=1e-5, rtol=0)
+    assert torch.equal(routes, dl.routing(sx))
+
+
+def test_saved_dlsa_model_loads_with_remote_code_without_pih2t_hub(exported, tmp_path):
+    dl, _, path, sx = exported
+    script = tmp_path / "load.py"
+    # pih2t_hub is made unimportable, so only the code saved beside the weights can build the head
+    script.write_text(
+        "import sys\n"
+        "sys.modules['pih2t_hub'] = None\n"
+        "import torch\n"
+        "from transformers import AutoModelForImageClassification as Auto\n"
+        "model_dir, features, result = sys.argv[1:4]\n"
+        "clf = Auto.from_pretrained(model_dir, trust_remote_code=True).eval()\n"
+        "head = clf.classifier\n"
+        "assert 'transformers_modules' in type(head).__module__, type(head).__module__\n"
+        "feats = torch.load(features, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    r, z = head.route_and_logits(feats)\n"
+        "    torch.save({'routes': r, 'logits': z, 'head': clf.forward_head(feats)}, result)\n"
+    )
+    torch.save(sx, tmp_path / "x.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "y.pt", weights_only=True)
+    routes, logits = dl.route_and_logits(sx)
+    assert torch.equal(got["routes"], routes)
+    torch.testing.assert_close(got["logits"], logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["head"], logits, atol=1e-5, rtol=0)
+
+
+def test_export_rejects_mismatched_models_and_configs(exported):
+    from pih2t_hub import create_model
+    from pih2t_hub.models.pih2t.heads import build_head
+
+    dl, _, _, _ = exported
+    with pytest.raises(ValueError, match="fitted on"):
+        install_head(create_model("test_resnet", num_labels=3), dl)
+    with pytest.raises(ValueError, match="head_config"):
+        build_head("dlsa", dl.in_features, 5)

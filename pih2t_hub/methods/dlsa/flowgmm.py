@@ -1,35 +1,31 @@
-"""FlowGMM: a MAF flow with a fixed Gaussian mixture in latent space, and how DLSA trains it (METHODS.md §3.4-3.5).
+"""How DLSA trains a FlowGMM (docs/methods.md, DLSA; the model itself is in ``models/pih2t/dlsa_head.py``).
 
-The mixture has K components with identity covariance, uniform weights and means drawn once from N(0, σ² I)
-(σ = 0.05); the means are a buffer, so only the flow learns. The density of a feature vector is
+DLSA trains the flow with three terms on pairs (x⁺, x⁻) from two different classes: a tail-weighted likelihood, a
+"purity" term that pushes the negative's component posterior away from the positive's, and a balance term (KL of
+the EMA'd mean posterior to uniform) that keeps all clusters in use. After each epoch the model is scored by the
+number of pure, non-tiny clusters and the best epoch is kept.
 
-    log p(x | k) = -D/2 · log 2π - ½ ‖T(x) - μ_k‖² + log|det J_T(x)|          (B, K)
-    log p(x)     = logsumexp_k log p(x | k) - log K                              (B,)
-
-and a sample's cluster is ``argmax_k log p(x | k)`` (the nearest mean in latent space). DLSA trains the flow with
-three terms on pairs (x⁺, x⁻) from two different classes: a tail-weighted likelihood, a "purity" term that pushes
-the negative's component posterior away from the positive's, and a balance term (KL of the EMA'd mean posterior to
-uniform) that keeps all clusters in use. After each epoch the model is scored by the number of pure, non-tiny
-clusters and the best epoch is kept.
-
-Deviation from the official code: the official code scores epochs on the (remaining) *training* samples; here the
-caller passes the selection split, and :func:`fit_dlsa` passes a validation split when one is given (the issue asks
-for validation-based selection). When selecting on a split of a different size, the cluster-size bounds may be
-rescaled by the caller ([RECON], see ``DLSAConfig.scale_size_thresholds``).
+Deviations from the official code: the official code scores epochs on the (remaining) *training* samples; here
+the caller passes the selection split, and :func:`fit_dlsa` passes a validation split when one is given
+(test-free model selection). When selecting on a split of a different size, the cluster-size bounds may be
+rescaled by the caller ([RECON], see ``DLSAConfig.scale_size_thresholds``). Optional gradient-norm clipping and
+restarts with a halved learning rate after a divergence are additions (the official code has neither).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .flow import MAF
+from ...models.pih2t.dlsa_head import FlowGMM
 
 __all__ = [
     "FlowGMM",
@@ -40,75 +36,13 @@ __all__ = [
     "BalanceLoss",
     "cluster_purity_score",
     "FlowTrainResult",
+    "FlowObjective",
+    "FlowSelection",
+    "FlowDiverged",
     "train_flowgmm",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class FlowGMM(nn.Module):
-    """MAF flow plus K fixed isotropic Gaussian components with uniform weights."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_clusters: int,
-        *,
-        n_blocks: int = 2,
-        hidden_size: int | None = None,
-        n_hidden: int = 1,
-        batch_norm: bool = True,
-        mean_std: float = 0.05,
-        generator: torch.Generator | None = None,
-    ):
-        super().__init__()
-        if num_clusters < 1:
-            raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
-        if mean_std < 0:
-            raise ValueError(f"mean_std must be >= 0, got {mean_std}")
-        self.dim = dim
-        self.num_clusters = num_clusters
-        self.flow = MAF(dim, n_blocks, hidden_size, n_hidden, batch_norm, generator)
-        means = torch.randn(num_clusters, dim, generator=generator) * mean_std
-        self.register_buffer("means", means)
-
-    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x | k) for every component, shape (B, K)."""
-        u, log_det = self.flow(x)
-        # ‖u - μ‖² expanded so that no (B, K, D) tensor is built (K = 500, D = 2048 in the released configs).
-        sq = (u * u).sum(1, keepdim=True) - 2.0 * u @ self.means.T + (self.means * self.means).sum(1)[None, :]
-        sq = sq.clamp_min(0.0)
-        return -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * sq + log_det[:, None]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (component log-probs (B, K), log-likelihood log p(x) (B,))."""
-        comp = self.component_log_prob(x)
-        return comp, self.log_prob_from_components(comp)
-
-    def log_prob_from_components(self, comp: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(comp, dim=1) - math.log(self.num_clusters)
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x)[1]
-
-    def posterior(self, x: torch.Tensor) -> torch.Tensor:
-        """q(k | x): softmax over components of log p(x | k) (uniform mixture weights cancel)."""
-        return torch.softmax(self.component_log_prob(x), dim=1)
-
-    @torch.no_grad()
-    def score(self, x: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode log-likelihood (N,) and cluster (N,) in chunks; restores the previous train/eval mode."""
-        was_training = self.training
-        self.eval()
-        llh, clusters = [], []
-        for start in range(0, x.shape[0], batch_size):
-            comp, lp = self(x[start : start + batch_size])
-            llh.append(lp)
-            clusters.append(comp.argmax(1))
-        self.train(was_training)
-        if not llh:
-            return x.new_zeros(0), torch.zeros(0, dtype=torch.long, device=x.device)
-        return torch.cat(llh), torch.cat(clusters)
 
 
 def class_pair_weights(counts: torch.Tensor, q: float) -> torch.Tensor:
@@ -231,101 +165,175 @@ class FlowTrainResult:
     epoch_scores: list[int] = field(default_factory=list)
     epoch_max_cluster: list[int] = field(default_factory=list)
     epoch_losses: list[dict[str, float]] = field(default_factory=list)
+    lr: float | None = None  #: the learning rate of the attempt that finished
+    restarts: list[dict[str, Any]] = field(default_factory=list)  #: diverged attempts: epoch, lr, reason
+
+
+@dataclass
+class FlowObjective:
+    """The flow-training loss and optimiser settings (defaults: the released configs, see ``DLSAConfig``)."""
+
+    epochs: int = 50
+    batch_size: int = 1024
+    lr: float = 0.2
+    momentum: float = 0.0
+    grad_clip: float | None = None  #: max global gradient norm; None = no clipping (official)
+    weight_q: float = 2.0
+    lambda_lh: float = 2.0
+    lambda_bal: float = 1.0
+    lambda_pur: float = 0.02
+    posterior_momentum: float = 0.7
+    purity_freeze: bool = True
+
+
+@dataclass
+class FlowSelection:
+    """How the best flow epoch is chosen: pure, non-tiny clusters on ``x``/``y``, largest cluster bounded."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    min_purity: float = 0.7
+    min_cluster_size: float = 10
+    max_cluster_size: float = 5000
+    score_batch_size: int = 4096
+
+
+class FlowDiverged(FloatingPointError):
+    """The flow's loss, gradient or scores became non-finite (raised when no restart is left)."""
+
+    def __init__(self, epoch: int, reason: str, hint: str = ""):
+        super().__init__(f"FlowGMM {reason} at epoch {epoch}{hint}")
+        self.epoch, self.reason = epoch, reason
+
+
+def _pair_loss(
+    model: FlowGMM, x: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, w: torch.Tensor,
+    balance: BalanceLoss, obj: FlowObjective,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """λ_lh·L_lh + λ_pur·L_pur + λ_bal·L_bal on one batch of (positive, negative) pairs."""
+    comp_pos, llh_pos = model(x[pos])
+    parts = {"likelihood": likelihood_loss(llh_pos, w)}
+    loss = obj.lambda_lh * parts["likelihood"]
+    if obj.lambda_pur > 0:
+        comp_neg, _ = model(x[neg])
+        parts["purity"] = purity_loss(comp_neg, comp_pos, obj.purity_freeze)
+        loss = loss + obj.lambda_pur * parts["purity"]
+    if obj.lambda_bal > 0:
+        parts["balance"] = balance(comp_pos)
+        loss = loss + obj.lambda_bal * parts["balance"]
+    return loss, parts
+
+
+def _flow_epoch(
+    model: FlowGMM, x: torch.Tensor, sampler: ClassPairSampler, balance: BalanceLoss,
+    optimizer: torch.optim.Optimizer, obj: FlowObjective, epoch: int, generator: torch.Generator | None,
+) -> dict[str, float]:
+    """One epoch of ``len(x)`` class pairs; mean losses. Raises :class:`FlowDiverged` on a non-finite loss/gradient.
+
+    A trailing batch of one pair is skipped (BN needs two samples; [RECON]: the official loader would produce NaN).
+    """
+    model.train()
+    n = x.shape[0]
+    pos_all, neg_all, w_all = sampler.sample(n, generator)
+    totals = {"likelihood": 0.0, "purity": 0.0, "balance": 0.0, "total": 0.0}
+    steps = 0
+    for start in range(0, n, obj.batch_size):
+        stop = min(start + obj.batch_size, n)
+        if stop - start < 2:
+            continue
+        w = w_all[start:stop].to(device=x.device, dtype=x.dtype)
+        loss, parts = _pair_loss(model, x, pos_all[start:stop].to(x.device), neg_all[start:stop].to(x.device), w,
+                                 balance, obj)
+        if not torch.isfinite(loss):
+            raise FlowDiverged(epoch, f"loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), obj.grad_clip or math.inf)
+        if not torch.isfinite(norm):  # checked before the step, so the weights never take a non-finite update
+            raise FlowDiverged(epoch, f"gradient norm became {norm.item()}")
+        optimizer.step()
+        steps += 1
+        for key, value in parts.items():
+            totals[key] += float(value.detach())
+        totals["total"] += float(loss.detach())
+    return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+def _train_once(
+    model: FlowGMM, x: torch.Tensor, y: torch.Tensor, obj: FlowObjective, sel: FlowSelection,
+    generator: torch.Generator | None,
+) -> FlowTrainResult:
+    """One training attempt at ``obj.lr``; keeps (reloads) the best qualifying epoch."""
+    sampler = ClassPairSampler(y, obj.weight_q)
+    balance = BalanceLoss(model.num_clusters, obj.posterior_momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=obj.lr, momentum=obj.momentum)
+    result = FlowTrainResult(best_epoch=None, best_score=-1, lr=obj.lr)
+    best_state = None
+    for epoch in range(1, obj.epochs + 1):
+        result.epoch_losses.append(_flow_epoch(model, x, sampler, balance, optimizer, obj, epoch, generator))
+        llh, clusters = model.score(sel.x, sel.score_batch_size)
+        if not torch.isfinite(llh).all():
+            raise FlowDiverged(epoch, "log-likelihood of the selection samples became non-finite")
+        score, largest = cluster_purity_score(clusters, sel.y, model.num_clusters, sel.min_purity, sel.min_cluster_size)
+        result.epoch_scores.append(score)
+        result.epoch_max_cluster.append(largest)
+        logger.info("flow epoch %d: loss %.4f, pure clusters %d, largest cluster %d",
+                    epoch, result.epoch_losses[-1]["total"], score, largest)
+        if score > result.best_score and largest < sel.max_cluster_size:
+            result.best_score, result.best_epoch = score, epoch
+            best_state = copy.deepcopy(model.state_dict())
+    if best_state is None:
+        logger.warning("no flow epoch had its largest cluster below %s samples; keeping the last epoch",
+                       sel.max_cluster_size)
+    else:
+        model.load_state_dict(best_state)
+    return result
 
 
 def train_flowgmm(
     model: FlowGMM,
     x: torch.Tensor,
     y: torch.Tensor,
+    objective: FlowObjective,
+    selection: FlowSelection,
     *,
-    select_x: torch.Tensor,
-    select_y: torch.Tensor,
-    epochs: int = 50,
-    batch_size: int = 1024,
-    lr: float = 0.2,
-    momentum: float = 0.0,
-    weight_q: float = 2.0,
-    lambda_lh: float = 2.0,
-    lambda_bal: float = 1.0,
-    lambda_pur: float = 0.02,
-    posterior_momentum: float = 0.7,
-    purity_freeze: bool = True,
-    min_purity: float = 0.7,
-    min_cluster_size: float = 10,
-    max_cluster_size: float = 5000,
-    score_batch_size: int = 4096,
+    nan_restarts: int = 0,
     generator: torch.Generator | None = None,
 ) -> FlowTrainResult:
     """Train ``model`` in place on features ``x`` / labels ``y`` and reload the best epoch's weights.
 
-    One epoch draws ``len(x)`` class pairs in batches of ``batch_size`` (two forward passes per step, so BN running
-    statistics are updated by both), SGD with constant LR. After each epoch the model (eval mode) assigns
-    ``select_x`` to clusters; the epoch with the strictly highest :func:`cluster_purity_score` among epochs whose
-    largest cluster has fewer than ``max_cluster_size`` samples is kept. If none qualifies, the last weights stay
-    and a warning is logged. A trailing batch of one pair is skipped (BN needs two samples; [RECON]: the official
-    loader would produce NaN there).
-    """
-    if batch_size < 2:
-        raise ValueError(f"flow batch size must be >= 2 (BatchNorm flow layers), got {batch_size}")
-    if epochs < 1:
-        raise ValueError(f"flow epochs must be >= 1, got {epochs}")
-    sampler = ClassPairSampler(y, weight_q)
-    balance = BalanceLoss(model.num_clusters, posterior_momentum)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    result = FlowTrainResult(best_epoch=None, best_score=-1)
-    best_state = None
-    n = x.shape[0]
-    for epoch in range(1, epochs + 1):
-        model.train()
-        pos_all, neg_all, w_all = sampler.sample(n, generator)
-        totals = {"likelihood": 0.0, "purity": 0.0, "balance": 0.0, "total": 0.0}
-        steps = 0
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            if stop - start < 2:
-                continue
-            pos = pos_all[start:stop].to(x.device)
-            neg = neg_all[start:stop].to(x.device)
-            w = w_all[start:stop].to(device=x.device, dtype=x.dtype)
-            comp_pos, llh_pos = model(x[pos])
-            loss_lh = likelihood_loss(llh_pos, w)
-            loss = lambda_lh * loss_lh
-            parts = {"likelihood": loss_lh}
-            if lambda_pur > 0:
-                comp_neg, _ = model(x[neg])
-                parts["purity"] = purity_loss(comp_neg, comp_pos, purity_freeze)
-                loss = loss + lambda_pur * parts["purity"]
-            if lambda_bal > 0:
-                parts["balance"] = balance(comp_pos)
-                loss = loss + lambda_bal * parts["balance"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"FlowGMM loss became {loss.item()} at epoch {epoch}; lower the flow learning rate "
-                    f"(features with a large scale may need one)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            for key, value in parts.items():
-                totals[key] += float(value.detach())
-            totals["total"] += float(loss.detach())
-        result.epoch_losses.append({k: v / max(steps, 1) for k, v in totals.items()})
+    One epoch draws ``len(x)`` class pairs in batches (two forward passes per step, so BN running statistics are
+    updated by both), SGD with constant LR and optional gradient-norm clipping. After each epoch the model (eval
+    mode) assigns ``selection.x`` to clusters; the epoch with the strictly highest :func:`cluster_purity_score`
+    among epochs whose largest cluster has fewer than ``max_cluster_size`` samples is kept. If none qualifies, the
+    last weights stay and a warning is logged.
 
-        _, clusters = model.score(select_x, score_batch_size)
-        score, largest = cluster_purity_score(clusters, select_y, model.num_clusters, min_purity, min_cluster_size)
-        result.epoch_scores.append(score)
-        result.epoch_max_cluster.append(largest)
-        logger.info(
-            "flow epoch %d: loss %.4f, pure clusters %d, largest cluster %d",
-            epoch, result.epoch_losses[-1]["total"], score, largest,
-        )
-        if score > result.best_score and largest < max_cluster_size:
-            result.best_score, result.best_epoch = score, epoch
-            best_state = copy.deepcopy(model.state_dict())
-    if best_state is None:
-        logger.warning("no flow epoch had its largest cluster below %s samples; keeping the last epoch", max_cluster_size)
-    else:
-        model.load_state_dict(best_state)
+    If the loss, the gradient or the scores become non-finite, training restarts from the initial weights with half
+    the learning rate, with a warning, up to ``nan_restarts`` times (recorded in ``restarts``); after that
+    :class:`FlowDiverged` is raised. Divergence is never silent: a NaN flow would route every sample the same way.
+    """
+    if objective.batch_size < 2:
+        raise ValueError(f"flow batch size must be >= 2 (BatchNorm flow layers), got {objective.batch_size}")
+    if objective.epochs < 1:
+        raise ValueError(f"flow epochs must be >= 1, got {objective.epochs}")
+    if objective.grad_clip is not None and not objective.grad_clip > 0:
+        raise ValueError(f"flow gradient clipping must be > 0 or None, got {objective.grad_clip}")
+    initial = copy.deepcopy(model.state_dict())
+    restarts: list[dict[str, Any]] = []
+    while True:
+        try:
+            result = _train_once(model, x, y, objective, selection, generator)
+            break
+        except FlowDiverged as err:
+            restarts.append({"epoch": err.epoch, "lr": objective.lr, "reason": err.reason})
+            if len(restarts) > nan_restarts:
+                hint = (f" (flow lr {objective.lr:g}, after {nan_restarts} restart(s) with a halved lr); lower "
+                        f"flow_lr or set flow_grad_clip")
+                raise FlowDiverged(err.epoch, err.reason, hint) from err
+            logger.warning("%s at lr %g; restarting the flow from its initial weights with lr %g",
+                           err, objective.lr, objective.lr / 2)
+            model.load_state_dict(initial)
+            objective = dataclasses.replace(objective, lr=objective.lr / 2)
+    result.restarts = restarts
     model.eval()
     return result

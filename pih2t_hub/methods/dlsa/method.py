@@ -21,6 +21,7 @@ class DLSA(Method):
         bias = getattr(trained, "bias", None)
         fitted = fit_dlsa(xtr.float(), ytr, xva.float(), yva, config, seed=self.cfg.seed,
                           stage1_weight=trained.weight.detach(), stage1_bias=None if bias is None else bias.detach())
+        ctx.results["dlsa"] = {"config": config.to_dict(), "history": fitted.history}  # flow lr, restarts, routes
         return fitted.to_head()
 
     def export(self, model: nn.Module, head: nn.Module, ctx: Stage2Context) -> nn.Module:

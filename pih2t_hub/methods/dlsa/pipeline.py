@@ -1,4 +1,4 @@
-"""DLSA's divide-and-conquer pipeline on cached features (METHODS.md §3.3, §3.6-3.9).
+"""DLSA's divide-and-conquer pipeline on cached features (docs/methods.md, DLSA).
 
 At each depth d = 1..L a FlowGMM is trained on the still-remaining training features; the remaining samples with
 the top ρ fraction of log-likelihood ("well clustered") are split off and classified by a cluster-aided classifier
@@ -34,14 +34,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .flow import _uniform_
-from .flowgmm import FlowGMM, train_flowgmm
+from ...models.pih2t.dlsa_head import DLSAHead, DualHead
+from .flowgmm import FlowObjective, FlowSelection, FlowTrainResult, train_flowgmm
 
 __all__ = [
     "DLSAConfig",
     "DLSAModel",
+    "DLSAHead",
     "DualHead",
     "fit_dlsa",
+    "head_kwargs",
+    "install_head",
     "likelihood_threshold",
     "split_by_likelihood",
     "cluster_prior",
@@ -51,8 +54,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# The released flow optimiser: SGD at lr 0.2 without clipping. It diverges on some feature sets (e.g. 1,280-dim
+# ReLU6 EfficientNet features with norm ~40), which is why DLSAConfig's own default is a smaller, clipped step;
+# the presets keep the released values, with the halving restarts as the only safety net (each one logged).
+_OFFICIAL_FLOW = {"flow_lr": 0.2, "flow_grad_clip": None}
+
 _PRESETS: dict[str, dict[str, Any]] = {
-    # METHODS.md §3.9; the defaults of DLSAConfig are ImgNet_CE_R50_bsm.
+    # the released configs (docs/methods.md, DLSA); the other defaults of DLSAConfig are ImgNet_CE_R50_bsm's
     "imagenet_lt_ce_r50_bsm": {},
     "imagenet_lt_cbs_r50_bsm": {},
     "imagenet_lt_paco_r50_bsm": {"max_depth": 3, "cacls_lr": 1e-4, "regcls_lr": 1e-4},
@@ -78,10 +86,12 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class DLSAConfig:
-    """All DLSA knobs; defaults are the released ``ImgNet_CE_R50_bsm`` config (METHODS.md §3.9).
+    """All DLSA knobs; defaults are the released ``ImgNet_CE_R50_bsm`` config except the flow optimiser.
 
-    Use :meth:`from_preset` for the other released configs. Fields marked [RECON] or "deviation" are not in the
-    official code.
+    Deviation: the flow learns with lr ``flow_lr`` = 0.02 and gradient-norm clipping at 5 (the released lr 0.2
+    without clipping diverges within 3 epochs on this project's default features), and restarts with a halved lr,
+    with a warning, if it still diverges. Use :meth:`from_preset` for the released configs (their flow optimiser
+    included). Fields marked [RECON] or "deviation" are not in the official code.
     """
 
     # pipeline
@@ -98,7 +108,9 @@ class DLSAConfig:
     mean_std: float = 0.05  #: std of the fixed component means
     flow_epochs: int = 50
     flow_batch_size: int = 1024
-    flow_lr: float = 0.2
+    flow_lr: float = 0.02  #: deviation (released: 0.2), see the class docstring
+    flow_grad_clip: float | None = 5.0  #: deviation: max gradient norm of a flow step (released: None, no clipping)
+    flow_nan_restarts: int = 3  #: deviation: restarts with a halved flow lr after a divergence (then an error)
     flow_momentum: float = 0.0
     weight_q: float = 2.0  #: exponent of the tail weights of the likelihood term
     lambda_lh: float = 2.0
@@ -156,6 +168,10 @@ class DLSAConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.flow_batch_size < 2:
             raise ValueError(f"flow_batch_size must be >= 2 (BatchNorm flow layers), got {self.flow_batch_size}")
+        if self.flow_grad_clip is not None and not self.flow_grad_clip > 0:
+            raise ValueError(f"flow_grad_clip must be > 0 or None, got {self.flow_grad_clip}")
+        if self.flow_nan_restarts < 0:
+            raise ValueError(f"flow_nan_restarts must be >= 0, got {self.flow_nan_restarts}")
         for name in ("flow_lr", "cacls_lr", "regcls_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -168,7 +184,7 @@ class DLSAConfig:
         """A released config by name (see :func:`available_presets`), with keyword overrides."""
         if name not in _PRESETS:
             raise ValueError(f"unknown DLSA preset {name!r}; available: {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return cls(**{**_OFFICIAL_FLOW, **_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,7 +227,7 @@ def split_by_likelihood(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the ``remaining`` samples: return (mask of remaining samples with llh >= τ, τ).
 
-    τ is computed on the remaining samples only (METHODS.md §3.6).
+    τ is computed on the remaining samples only .
     """
     if remaining.dtype != torch.bool or remaining.shape != llh.shape:
         raise ValueError("remaining must be a boolean mask with the shape of llh")
@@ -237,60 +253,6 @@ def _balanced_softmax_ce(logits: torch.Tensor, target: torch.Tensor, counts: tor
 
 # ----------------------------------------------------------------------------------------------------------------
 # classifiers
-
-
-class DualHead(nn.Module):
-    """``logits = f_A(x) + f_B(z)``: the shape of both DLSA classifiers.
-
-    CACls (``XZP``): z = [x ; π_{k(x)}] (features and the cluster prior); RegCls (``XZ``): z = x, which makes it one
-    linear layer with two parameter copies, as in the official code. ``kind="cosine"``: each term is a cosine
-    classifier without bias, ``s · v/(1+‖v‖) · w_c/‖w_c‖``.
-    """
-
-    def __init__(
-        self,
-        x_dim: int,
-        z_dim: int,
-        num_classes: int,
-        kind: str = "linear",
-        scale: float = 16.0,
-        generator: torch.Generator | None = None,
-    ):
-        super().__init__()
-        if kind not in ("linear", "cosine"):
-            raise ValueError(f"kind must be 'linear' or 'cosine', got {kind!r}")
-        self.kind, self.scale = kind, scale
-        self.weight_x = nn.Parameter(torch.empty(num_classes, x_dim))
-        self.weight_z = nn.Parameter(torch.empty(num_classes, z_dim))
-        _uniform_(self.weight_x, 1.0 / math.sqrt(x_dim), generator)
-        _uniform_(self.weight_z, 1.0 / math.sqrt(z_dim), generator)
-        if kind == "linear":
-            self.bias_x = nn.Parameter(torch.empty(num_classes))
-            self.bias_z = nn.Parameter(torch.empty(num_classes))
-            _uniform_(self.bias_x, 1.0 / math.sqrt(x_dim), generator)
-            _uniform_(self.bias_z, 1.0 / math.sqrt(z_dim), generator)
-
-    def _term(self, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.kind == "linear":
-            return F.linear(v, weight, bias)
-        squashed = v / (1.0 + v.norm(dim=1, keepdim=True))  # = (‖v‖/(1+‖v‖)) · v/‖v‖, finite at v = 0
-        return self.scale * squashed @ F.normalize(weight, dim=1).T
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self._term(x, self.weight_x, getattr(self, "bias_x", None)) + self._term(
-            z, self.weight_z, getattr(self, "bias_z", None)
-        )
-
-    @torch.no_grad()
-    def load_stage1(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Initialise the x-term from a stage-1 linear classifier (official ``backbone_weight_path``)."""
-        if weight.shape != self.weight_x.shape:
-            raise ValueError(f"stage-1 weight shape {tuple(weight.shape)} != {tuple(self.weight_x.shape)}")
-        self.weight_x.copy_(weight)
-        if self.kind == "linear" and bias is not None:
-            if bias.shape != self.bias_x.shape:
-                raise ValueError(f"stage-1 bias shape {tuple(bias.shape)} != {tuple(self.bias_x.shape)}")
-            self.bias_x.copy_(bias)
 
 
 def _train_head(
@@ -334,80 +296,61 @@ def _train_head(
     if best_state is not None:
         head.load_state_dict(best_state)
     head.eval()
-    return {"best_epoch": best_epoch if best_state is not None else config.cls_epochs, "val_acc": best_acc if best_state is not None else None}
+    if best_state is None:
+        return {"best_epoch": config.cls_epochs, "val_acc": None}
+    return {"best_epoch": best_epoch, "val_acc": best_acc}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # model
 
 
-class DLSAModel(nn.Module):
-    """A fitted DLSA pipeline: L FlowGMMs with thresholds τ_d and cluster priors, L CACls, one RegCls.
+def head_kwargs(config: DLSAConfig) -> dict[str, Any]:
+    """The :class:`DLSAHead` architecture a config describes (plain values, the saved ``head_config``)."""
+    return {
+        "num_clusters": config.num_clusters, "max_depth": config.max_depth, "flow_blocks": config.flow_blocks,
+        "flow_hidden_size": config.flow_hidden_size, "flow_hidden_layers": config.flow_hidden_layers,
+        "flow_batch_norm": config.flow_batch_norm, "classifier_type": config.classifier_type,
+        "cosine_scale": config.cosine_scale, "cacls_inputs": config.cacls_inputs, "mean_std": config.mean_std,
+    }
 
-    Build it with :func:`fit_dlsa`. The module can be saved with ``state_dict`` (e.g. to safetensors) and restored
-    into ``DLSAModel(dim, num_classes, config)``; ``history`` (per-depth logs) is not part of the state.
+
+class DLSAModel(DLSAHead):
+    """A fitted DLSA pipeline: the :class:`DLSAHead` plus its fitting config and per-depth history.
+
+    Build it with :func:`fit_dlsa`. Its parameters and buffers are exactly those of the head, so
+    :meth:`to_head` (what goes into a saved model) computes the same logits and routes. ``history`` is not part of
+    the state.
     """
 
     def __init__(self, dim: int, num_classes: int, config: DLSAConfig, generator: torch.Generator | None = None):
-        super().__init__()
-        self.config, self.dim, self.num_classes = config, dim, num_classes
-        depth, k = config.max_depth, config.num_clusters
-        self.flows = nn.ModuleList(
-            FlowGMM(
-                dim, k, n_blocks=config.flow_blocks, hidden_size=config.flow_hidden_size,
-                n_hidden=config.flow_hidden_layers, batch_norm=config.flow_batch_norm, mean_std=config.mean_std,
-                generator=generator,
-            )
-            for _ in range(depth)
-        )
-        z_dim = dim + num_classes if config.cacls_inputs == "XZP" else dim
-        self.cacls = nn.ModuleList(
-            DualHead(dim, z_dim, num_classes, config.classifier_type, config.cosine_scale, generator) for _ in range(depth)
-        )
-        self.regcls = DualHead(dim, dim, num_classes, config.classifier_type, config.cosine_scale, generator)
-        self.register_buffer("thresholds", torch.full((depth,), float("inf")))
-        self.register_buffer("priors", torch.zeros(depth, k, num_classes))
+        super().__init__(dim, num_classes, **head_kwargs(config), generator=generator)
+        self.config, self.dim = config, dim
         self.history: list[dict[str, Any]] = []
 
-    @property
-    def regular_route(self) -> int:
-        """The value :meth:`routing` uses for samples handled by RegCls (= ``max_depth``)."""
-        return self.config.max_depth
-
-    def _cacls_input(self, d: int, x: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
-        if self.config.cacls_inputs == "XZ":
-            return x
-        return torch.cat([x, self.priors[d][clusters].to(x.dtype)], dim=1)
-
-    def _check(self, x: torch.Tensor) -> torch.Tensor:
-        _check_features(x, "x", self.dim)
-        return x.to(device=self.thresholds.device, dtype=self.priors.dtype)
+    def to_head(self) -> DLSAHead:
+        """A plain :class:`DLSAHead` with this model's weights (same device and dtype), in eval mode."""
+        ref = self.thresholds
+        head = DLSAHead(self.in_features, self.num_classes, **self.head_config()).to(device=ref.device, dtype=ref.dtype)
+        head.load_state_dict(self.state_dict())
+        return head.eval()
 
     @torch.no_grad()
     def route_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route every sample (0..L-1: CACls of that depth; L: RegCls) and return (routes (N,), logits (N, C))."""
-        x = self._check(x)
+        """Route every sample (0..L-1: CACls of that depth; L: RegCls) and return (routes (N,), logits (N, C)).
+
+        Checks the input and works in chunks of ``config.score_batch_size`` (a sample's result does not depend on
+        its chunk).
+        """
+        _check_features(x, "x", self.dim)
+        x = x.to(device=self.thresholds.device, dtype=self.priors.dtype)
         self.eval()
-        n = x.shape[0]
-        routes = torch.full((n,), self.regular_route, dtype=torch.long, device=x.device)
-        logits = x.new_zeros(n, self.num_classes)
-        remaining = torch.ones(n, dtype=torch.bool, device=x.device)
-        for d, (flow, head) in enumerate(zip(self.flows, self.cacls)):
-            idx = remaining.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            llh, clusters = flow.score(x[idx], self.config.score_batch_size)
-            take = llh >= self.thresholds[d]
-            chosen = idx[take]
-            if chosen.numel():
-                xc = x[chosen]
-                logits[chosen] = head(xc, self._cacls_input(d, xc, clusters[take]))
-                routes[chosen] = d
-                remaining[chosen] = False
-        rest = remaining.nonzero().squeeze(1)
-        if rest.numel():
-            logits[rest] = self.regcls(x[rest], x[rest])
-        return routes, logits
+        size = self.config.score_batch_size
+        head_forward = super().route_and_logits
+        if x.shape[0] <= size:
+            return head_forward(x)
+        parts = [head_forward(x[s : s + size]) for s in range(0, x.shape[0], size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         return self.route_and_logits(x)[0]
@@ -415,12 +358,28 @@ class DLSAModel(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.route_and_logits(x)[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(x)
-
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x).argmax(1)
 
+
+def install_head(model: nn.Module, dlsa: DLSAModel) -> DLSAHead:
+    """Make a fitted DLSA the classifier of a ``PIH2TForImageClassification`` (what a saved DLSA model holds).
+
+    Sets ``model.classifier`` and ``config.head_type = "dlsa"`` / ``config.head_config``, so that
+    ``save_pretrained`` writes the flows, thresholds, priors and both classifier kinds as safetensors and any
+    loader (Auto classes, ``trust_remote_code``) rebuilds the same head.
+    """
+    cfg = model.config
+    if cfg.num_features != dlsa.in_features or cfg.num_labels != dlsa.num_classes:
+        raise ValueError(
+            f"DLSA was fitted on {dlsa.in_features}-dim features and {dlsa.num_classes} classes, but the model has "
+            f"{cfg.num_features}-dim features and {cfg.num_labels} labels"
+        )
+    device = next(model.parameters()).device
+    head = dlsa.to_head().to(device)
+    model.classifier = head
+    cfg.head_type, cfg.head_config = "dlsa", head.head_config()
+    return head
 
 # ----------------------------------------------------------------------------------------------------------------
 # fitting
@@ -454,6 +413,147 @@ def _class_counts(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(y, minlength=num_classes).double()
 
 
+_Split = tuple[torch.Tensor, torch.Tensor]  #: (features, labels)
+
+
+def _check_fit_inputs(
+    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor | None, val_y: torch.Tensor | None,
+    config: DLSAConfig,
+) -> int:
+    """Validate the features, labels and sizes before any training; return the number of classes C."""
+    _check_features(train_x, "train_x")
+    _check_labels(train_y, "train_y", train_x.shape[0])
+    n, dim = train_x.shape
+    if (val_x is None) != (val_y is None):
+        raise ValueError("give both val_x and val_y, or neither")
+    if val_x is not None:
+        _check_features(val_x, "val_x", dim)
+        _check_labels(val_y, "val_y", val_x.shape[0])
+    k, depth = config.num_clusters, config.max_depth
+    if n < k:
+        raise ValueError(f"DLSA needs at least as many training samples as clusters: got {n} samples, K={k}")
+    sizes = remaining_sizes(n, config.rho, depth)
+    for d in range(depth):
+        if sizes[d] < k:
+            raise ValueError(
+                f"at depth {d + 1} only about {sizes[d]} training samples remain (N={n}, rho={config.rho}), fewer "
+                f"than K={k} clusters; use fewer clusters, a smaller max_depth, or more data"
+            )
+    if sizes[depth] < 1:
+        raise ValueError(f"no training samples would remain for the regular classifier (N={n}, rho={config.rho})")
+    seen = int(train_y.max()) + 1
+    if val_y is not None and val_y.numel():
+        seen = max(seen, int(val_y.max()) + 1)
+    num_classes = config.num_classes if config.num_classes is not None else seen
+    if seen > num_classes:
+        raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
+    if num_classes < 2:
+        raise ValueError("DLSA needs at least 2 classes")
+    return num_classes
+
+
+def _flow_objective(config: DLSAConfig) -> FlowObjective:
+    return FlowObjective(
+        epochs=config.flow_epochs, batch_size=config.flow_batch_size, lr=config.flow_lr,
+        momentum=config.flow_momentum, grad_clip=config.flow_grad_clip, weight_q=config.weight_q,
+        lambda_lh=config.lambda_lh, lambda_bal=config.lambda_bal, lambda_pur=config.lambda_pur,
+        posterior_momentum=config.posterior_momentum, purity_freeze=config.purity_freeze,
+    )
+
+
+def _flow_selection(
+    config: DLSAConfig, d: int, x_d: torch.Tensor, y_d: torch.Tensor, val: _Split | None, remain_va: torch.Tensor,
+) -> tuple[FlowSelection, str]:
+    """Where depth ``d``'s flow epoch is selected: the remaining validation samples, or the training samples."""
+    sel_x, sel_y, split, ratio = x_d, y_d, "train", 1.0
+    if config.select_flow_on == "val":
+        if val is not None and int(remain_va.sum()) > 0:
+            sel_x, sel_y, split = val[0][remain_va], val[1][remain_va], "val"
+            if config.scale_size_thresholds:
+                ratio = sel_x.shape[0] / x_d.shape[0]
+        elif val is not None:
+            logger.warning("depth %d: no validation samples left to select the flow epoch on; using training samples",
+                           d + 1)
+        else:
+            logger.info("depth %d: no validation split given; selecting the flow epoch on training samples", d + 1)
+    selection = FlowSelection(
+        sel_x, sel_y, min_purity=config.min_purity, min_cluster_size=config.min_cluster_size * ratio,
+        max_cluster_size=config.max_cluster_size * ratio, score_batch_size=config.score_batch_size,
+    )
+    return selection, split
+
+
+def _fit_depth(
+    model: DLSAModel, d: int, train: _Split, val: _Split | None, remain_tr: torch.Tensor, remain_va: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit depth ``d``'s flow, threshold, prior and CACls; return the train / val masks it claims."""
+    config, (train_x, train_y) = model.config, train
+    k, num_classes = config.num_clusters, model.num_classes
+    idx = remain_tr.nonzero().squeeze(1)
+    if idx.numel() < k:
+        raise ValueError(f"at depth {d + 1} only {idx.numel()} training samples remain, fewer than K={k}")
+    flow = model.flows[d]
+    x_d, y_d = train_x[idx], train_y[idx]
+    selection, split = _flow_selection(config, d, x_d, y_d, val, remain_va)
+    flow_result = train_flowgmm(flow, x_d, y_d, _flow_objective(config), selection,
+                                nan_restarts=config.flow_nan_restarts, generator=generator)
+
+    llh_tr, clus_tr = flow.score(train_x, config.score_batch_size)
+    take_tr, tau = split_by_likelihood(llh_tr, remain_tr, config.rho)
+    prior_mask = torch.ones_like(remain_tr) if config.prior_source == "all" else remain_tr
+    model.thresholds[d] = tau
+    model.priors[d] = cluster_prior(clus_tr[prior_mask], train_y[prior_mask], k, num_classes).to(model.priors.dtype)
+
+    val_data, take_va = None, torch.zeros_like(remain_va)
+    if val is not None:
+        llh_va, clus_va = flow.score(val[0], config.score_batch_size)
+        take_va = remain_va & (llh_va >= tau)
+        xv = val[0][take_va]
+        val_data = (xv, model.cacls_input(d, xv, clus_va[take_va]), val[1][take_va])
+
+    x_h, y_h = train_x[take_tr], train_y[take_tr]
+    counts_h = _class_counts(y_h, num_classes)
+    cls_result = _train_head(
+        model.cacls[d], x_h, model.cacls_input(d, x_h, clus_tr[take_tr]), y_h,
+        counts_h if config.cacls_loss == "bsm" else None, lr=config.cacls_lr, config=config, val=val_data,
+        generator=generator,
+    )
+    rest_y = train_y[remain_tr & ~take_tr]
+    record = _depth_record(d, float(tau), idx.numel(), take_tr, take_va, counts_h, rest_y, num_classes, split,
+                           flow_result, cls_result)
+    model.history.append(record)
+    logger.info(
+        "depth %d: tau %.3f, %d of %d train samples to CACls; class counts filtered %s, passed on %s",
+        d + 1, record["tau"], record["n_train_filtered"], record["n_train_remaining"],
+        record["filtered_class_counts"], record["remaining_class_counts"],
+    )
+    return take_tr, take_va
+
+
+def _depth_record(
+    d: int, tau: float, n_remaining: int, take_tr: torch.Tensor, take_va: torch.Tensor, counts_h: torch.Tensor,
+    rest_y: torch.Tensor, num_classes: int, split: str, flow: FlowTrainResult, cls_result: dict[str, Any],
+) -> dict[str, Any]:
+    """What one depth did, for logs and ``DLSAModel.history`` (the filtered vs passed-on class histograms)."""
+    return {
+        "depth": d + 1,
+        "tau": tau,
+        "n_train_remaining": int(n_remaining),
+        "n_train_filtered": int(take_tr.sum()),
+        "n_val_filtered": int(take_va.sum()),
+        "filtered_class_counts": counts_h.long().tolist(),
+        "remaining_class_counts": torch.bincount(rest_y, minlength=num_classes).tolist(),
+        "flow_selection_split": split,
+        "flow_best_epoch": flow.best_epoch,
+        "flow_epoch_scores": flow.epoch_scores,
+        "flow_epoch_max_cluster": flow.epoch_max_cluster,
+        "flow_lr": flow.lr,
+        "flow_restarts": flow.restarts,
+        "cacls": cls_result,
+    }
+
+
 def fit_dlsa(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -473,138 +573,41 @@ def fit_dlsa(
         val_x, val_y: a validation split, used for flow-epoch and classifier-epoch selection (see module doc).
             Optional; without it selection follows the official code for the flow and keeps the last classifier
             epoch.
-        config: :class:`DLSAConfig` (default: the released ImageNet-LT CE config).
+        config: :class:`DLSAConfig` (default: the released ImageNet-LT CE config with a stable flow optimiser).
         generator / seed: all randomness (flow/classifier init, component means, pair sampling, shuffling) comes from
             ``generator``, or from a fresh generator seeded with ``seed`` (default ``config.seed``).
         stage1_weight, stage1_bias: optional stage-1 linear classifier (C, D), (C,) to initialise the x-term of
             every classifier (the PaCo configs do this).
     """
     config = DLSAConfig() if config is None else config
-    _check_features(train_x, "train_x")
-    _check_labels(train_y, "train_y", train_x.shape[0])
-    n, dim = train_x.shape
-    has_val = val_x is not None
-    if has_val != (val_y is not None):
-        raise ValueError("give both val_x and val_y, or neither")
-    if has_val:
-        _check_features(val_x, "val_x", dim)
-        _check_labels(val_y, "val_y", val_x.shape[0])
-    k, depth = config.num_clusters, config.max_depth
-    if n < k:
-        raise ValueError(f"DLSA needs at least as many training samples as clusters: got {n} samples, K={k}")
-    sizes = remaining_sizes(n, config.rho, depth)
-    for d in range(depth):
-        if sizes[d] < k:
-            raise ValueError(
-                f"at depth {d + 1} only about {sizes[d]} training samples remain (N={n}, rho={config.rho}), fewer "
-                f"than K={k} clusters; use fewer clusters, a smaller max_depth, or more data"
-            )
-    if sizes[depth] < 1:
-        raise ValueError(f"no training samples would remain for the regular classifier (N={n}, rho={config.rho})")
-    seen = int(train_y.max()) + 1
-    if has_val and val_y.numel():
-        seen = max(seen, int(val_y.max()) + 1)
-    num_classes = config.num_classes if config.num_classes is not None else seen
-    if seen > num_classes:
-        raise ValueError(f"labels go up to {seen - 1} but num_classes={num_classes}")
-    if num_classes < 2:
-        raise ValueError("DLSA needs at least 2 classes")
+    num_classes = _check_fit_inputs(train_x, train_y, val_x, val_y, config)
     if generator is None:
         generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
-
-    device, dtype = train_x.device, train_x.dtype
-    train_y = train_y.long().to(device)
-    if has_val:
-        val_x, val_y = val_x.to(device=device, dtype=dtype), val_y.long().to(device)
+    (n, dim), device, dtype = train_x.shape, train_x.device, train_x.dtype
+    train = (train_x, train_y.long().to(device))
+    val = None if val_x is None else (val_x.to(device=device, dtype=dtype), val_y.long().to(device))
     model = DLSAModel(dim, num_classes, config, generator).to(device=device, dtype=dtype)
     if stage1_weight is not None:
+        bias = None if stage1_bias is None else stage1_bias.to(device=device, dtype=dtype)
         for head in [*model.cacls, model.regcls]:
-            head.load_stage1(stage1_weight.to(device=device, dtype=dtype), None if stage1_bias is None else stage1_bias.to(device=device, dtype=dtype))
+            head.load_stage1(stage1_weight.to(device=device, dtype=dtype), bias)
 
     remain_tr = torch.ones(n, dtype=torch.bool, device=device)
-    remain_va = torch.ones(val_x.shape[0] if has_val else 0, dtype=torch.bool, device=device)
-    for d in range(depth):
-        idx = remain_tr.nonzero().squeeze(1)
-        if idx.numel() < k:
-            raise ValueError(f"at depth {d + 1} only {idx.numel()} training samples remain, fewer than K={k}")
-        flow = model.flows[d]
-        x_d, y_d = train_x[idx], train_y[idx]
-        min_size, max_size = config.min_cluster_size, config.max_cluster_size
-        sel_x, sel_y, split = x_d, y_d, "train"
-        if config.select_flow_on == "val":
-            if has_val and int(remain_va.sum()) > 0:
-                sel_x, sel_y, split = val_x[remain_va], val_y[remain_va], "val"
-                if config.scale_size_thresholds:
-                    ratio = sel_x.shape[0] / x_d.shape[0]
-                    min_size, max_size = min_size * ratio, max_size * ratio
-            elif has_val:
-                logger.warning("depth %d: no validation samples left to select the flow epoch on; using training samples", d + 1)
-            else:
-                logger.info("depth %d: no validation split given; selecting the flow epoch on training samples", d + 1)
-        flow_result = train_flowgmm(
-            flow, x_d, y_d, select_x=sel_x, select_y=sel_y, epochs=config.flow_epochs,
-            batch_size=config.flow_batch_size, lr=config.flow_lr, momentum=config.flow_momentum,
-            weight_q=config.weight_q, lambda_lh=config.lambda_lh, lambda_bal=config.lambda_bal,
-            lambda_pur=config.lambda_pur, posterior_momentum=config.posterior_momentum,
-            purity_freeze=config.purity_freeze, min_purity=config.min_purity, min_cluster_size=min_size,
-            max_cluster_size=max_size, score_batch_size=config.score_batch_size, generator=generator,
-        )
-
-        llh_tr, clus_tr = flow.score(train_x, config.score_batch_size)
-        take_tr, tau = split_by_likelihood(llh_tr, remain_tr, config.rho)
-        prior_mask = torch.ones_like(remain_tr) if config.prior_source == "all" else remain_tr
-        prior = cluster_prior(clus_tr[prior_mask], train_y[prior_mask], k, num_classes)
-        model.thresholds[d] = tau
-        model.priors[d] = prior.to(dtype)
-
-        val_data = None
-        take_va = torch.zeros_like(remain_va)
-        if has_val:
-            llh_va, clus_va = flow.score(val_x, config.score_batch_size)
-            take_va = remain_va & (llh_va >= tau)
-            xv = val_x[take_va]
-            val_data = (xv, model._cacls_input(d, xv, clus_va[take_va]), val_y[take_va])
-
-        x_h, y_h = train_x[take_tr], train_y[take_tr]
-        counts_h = _class_counts(y_h, num_classes)
-        cls_result = _train_head(
-            model.cacls[d], x_h, model._cacls_input(d, x_h, clus_tr[take_tr]), y_h,
-            counts_h if config.cacls_loss == "bsm" else None, lr=config.cacls_lr, config=config, val=val_data,
-            generator=generator,
-        )
-        rest_y = train_y[remain_tr & ~take_tr]
-        record = {
-            "depth": d + 1,
-            "tau": float(tau),
-            "n_train_remaining": int(idx.numel()),
-            "n_train_filtered": int(take_tr.sum()),
-            "n_val_filtered": int(take_va.sum()),
-            "filtered_class_counts": counts_h.long().tolist(),
-            "remaining_class_counts": torch.bincount(rest_y, minlength=num_classes).tolist(),
-            "flow_selection_split": split,
-            "flow_best_epoch": flow_result.best_epoch,
-            "flow_epoch_scores": flow_result.epoch_scores,
-            "flow_epoch_max_cluster": flow_result.epoch_max_cluster,
-            "cacls": cls_result,
-        }
-        model.history.append(record)
-        logger.info(
-            "depth %d: tau %.3f, %d of %d train samples to CACls; class counts filtered %s, passed on %s",
-            d + 1, record["tau"], record["n_train_filtered"], record["n_train_remaining"],
-            record["filtered_class_counts"], record["remaining_class_counts"],
-        )
+    remain_va = torch.ones(0 if val is None else val[0].shape[0], dtype=torch.bool, device=device)
+    for d in range(config.max_depth):
+        take_tr, take_va = _fit_depth(model, d, train, val, remain_tr, remain_va, generator)
         remain_tr &= ~take_tr
         remain_va &= ~take_va
 
     if not remain_tr.any():
         raise ValueError("no training samples remain for the regular classifier (likelihood ties?)")
-    x_r, y_r = train_x[remain_tr], train_y[remain_tr]
-    counts_r = _class_counts(train_y if config.regcls_counts == "full" else y_r, num_classes)
-    val_r = (val_x[remain_va], val_x[remain_va], val_y[remain_va]) if has_val else None
+    x_r, y_r = train[0][remain_tr], train[1][remain_tr]
+    counts_r = _class_counts(train[1] if config.regcls_counts == "full" else y_r, num_classes)
+    val_r = None if val is None else (val[0][remain_va], val[0][remain_va], val[1][remain_va])
     reg_result = _train_head(
         model.regcls, x_r, x_r, y_r, counts_r if config.regcls_loss == "bsm" else None, lr=config.regcls_lr,
         config=config, val=val_r, generator=generator,
     )
-    model.history.append({"depth": "regular", "n_train": int(remain_tr.sum()), "n_val": int(remain_va.sum()), "regcls": reg_result})
-    model.eval()
-    return model
+    model.history.append({"depth": "regular", "n_train": int(remain_tr.sum()), "n_val": int(remain_va.sum()),
+                          "regcls": reg_result})
+    return model.eval()

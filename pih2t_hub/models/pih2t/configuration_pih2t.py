@@ -14,7 +14,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 BACKBONE_SOURCES = ("timm", "hf")
-HEAD_TYPES = ("linear", "cosine", "ncm")
+HEAD_TYPES = ("linear", "cosine", "ncm", "dlsa")
 HF_POOLING = ("cls", "mean")
 PIF_MODES = ("replace", "residual")
 PIF_STATS = ("mean", "max")
@@ -52,7 +52,7 @@ class PIH2TConfig(PretrainedConfig):
         num_features (`int`, *optional*):
             Width of the pooled feature; filled in when the model is built.
         head_type (`str`, defaults to `"linear"`):
-            ``"linear"`` or ``"cosine"`` classifier.
+            ``"linear"`` or ``"cosine"`` classifier, or ``"dlsa"`` (a fitted DLSA model, see ``head_config``).
         head_bias (`bool`, defaults to `True`):
             Bias of the linear head (the cosine head has none).
         cosine_scale (`float`, defaults to 16.0):
@@ -76,6 +76,8 @@ class PIH2TConfig(PretrainedConfig):
             Training images per class, for balanced losses, shot groups and the model card. Re-labelling the
             config (a new ``num_labels``, e.g. ``from_pretrained(..., num_labels=3, ignore_mismatched_sizes=True)``)
             drops counts that no longer match, with a warning: they described the old label set.
+        head_config (`dict`, *optional*):
+            Keyword arguments of heads with more structure than a matrix (``"dlsa"``: depth, clusters, flow sizes).
     """
 
     model_type = "pih2t"
@@ -103,6 +105,7 @@ class PIH2TConfig(PretrainedConfig):
         method: str = "ce",
         fusion_ratio: float = 0.25,
         class_counts: list[int] | None = None,
+        head_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_choice("backbone_source", backbone_source, BACKBONE_SOURCES)
@@ -136,6 +139,7 @@ class PIH2TConfig(PretrainedConfig):
         self.pif_statistic = pif_statistic
         self.method = method
         self.fusion_ratio = float(fusion_ratio)
+        self.head_config = dict(head_config) if head_config is not None else None
         super().__init__(**kwargs)
         # set after the base init, whose num_labels setter would otherwise drop mismatching counts silently-ish
         self.class_counts = [int(c) for c in class_counts] if class_counts is not None else None

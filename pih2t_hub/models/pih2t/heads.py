@@ -1,4 +1,4 @@
-"""Classifier heads on pooled features: linear, cosine and nearest class mean.
+"""Classifier heads on pooled features: linear, cosine, nearest class mean and DLSA's routed flows + classifiers.
 
 Both act on ``(B, D)`` pooled vectors only, which is what lets stage 2 run on cached features: H2T's channel
 replacement commutes with channel-wise pooling, so a head fed fused pooled vectors computes exactly what it would
@@ -7,9 +7,13 @@ on fused feature maps (docs/methods.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .dlsa_head import DLSAHead
 
 
 class LinearHead(nn.Linear):
@@ -77,15 +81,26 @@ class NCMHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def build_head(head_type: str, in_features: int, num_classes: int, bias: bool = True, scale: float = 16.0) -> nn.Module:
-    """Head by name (``"linear"``, ``"cosine"`` or ``"ncm"``)."""
+def build_head(
+    head_type: str,
+    in_features: int,
+    num_classes: int,
+    bias: bool = True,
+    scale: float = 16.0,
+    head_config: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Head by name: ``"linear"``, ``"cosine"``, ``"ncm"``, or ``"dlsa"`` (built from ``head_config``, its saved sizes)."""
     if head_type == "linear":
         return LinearHead(in_features, num_classes, bias=bias)
     if head_type == "cosine":
         return CosineHead(in_features, num_classes, scale=scale)
     if head_type == "ncm":
         return NCMHead(in_features, num_classes)
-    raise ValueError(f"unknown head type {head_type!r}; choose 'linear', 'cosine' or 'ncm'")
+    if head_type == "dlsa":
+        if not isinstance(head_config, dict) or "num_clusters" not in head_config:
+            raise ValueError("head_type 'dlsa' needs head_config, the DLSA head's sizes (DLSAHead.head_config())")
+        return DLSAHead(in_features, num_classes, **head_config)
+    raise ValueError(f"unknown head type {head_type!r}; choose 'linear', 'cosine', 'ncm' or 'dlsa'")
 
 
-__all__ = ["LinearHead", "CosineHead", "NCMHead", "build_head"]
+__all__ = ["LinearHead", "CosineHead", "NCMHead", "DLSAHead", "build_head"]

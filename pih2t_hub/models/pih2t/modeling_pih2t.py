@@ -212,7 +212,8 @@ class PIH2TForImageClassification(PIH2TPreTrainedModel):
         self.pih2t = PIH2TModel(config)
         self.supports_gradient_checkpointing = self.pih2t.supports_gradient_checkpointing
         self.classifier = build_head(
-            config.head_type, config.num_features, config.num_labels, bias=config.head_bias, scale=config.cosine_scale
+            config.head_type, config.num_features, config.num_labels, bias=config.head_bias, scale=config.cosine_scale,
+            head_config=config.head_config,
         )
         self.post_init()
 
