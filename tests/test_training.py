@@ -539,7 +539,7 @@ BLOCK_WRAPPER = textwrap.dedent("""
     recipes, marker, release, block, argv = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
     sys.path.insert(0, recipes)
     import finetune
-    import pih2t_hub.training.run as run
+    import pih2t_hub.methods.h2t as run  # H2T's fusion: called once per stage-2 step
     fuse, calls = run.h2t_fuse, [0]
     def blocking_fuse(*args, **kwargs):
         out = fuse(*args, **kwargs)
@@ -553,7 +553,7 @@ BLOCK_WRAPPER = textwrap.dedent("""
     sys.exit(finetune.main(argv))
 """)
 CACHED_H2T = TINY + ["--method", "h2t", "--stage1-mode", "linear", "--stage2-mode", "cached", "--stage1-epochs", "1",
-                     "--stage2-epochs", "2", "--batch-size", "32"]  # stage 2: 7 steps per epoch
+                     "--stage2-epochs", "2", "--batch-size", "32", "--stage2-batch-size", "32"]  # stage 2: 7 steps/epoch
 
 
 @pytest.fixture(scope="module")

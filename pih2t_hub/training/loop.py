@@ -210,120 +210,172 @@ def train_loop(
     ``state_dict``/``load_state_dict`` (tensors only: generators via :class:`GeneratorState`, modules whose
     buffers change outside the optimiser) saved per rank into every checkpoint and restored on resume.
     """
-    extra = dict(extra_state or {})
-    state = LoopState()
-    best_weights: dict[str, torch.Tensor] | None = None
-    unwrapped = accelerator.unwrap_model(trainable)
-    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    loop = _Loop(accelerator, trainable, optimizer, loader, step, epochs, lr_at_epoch, evaluate, select_metric,
+                 checkpoint_dir, checkpoint_every, keep_last, list(callbacks), batch_size_of, desc,
+                 dict(extra_state or {}), progress)
+    if resume:
+        loop.resume(resume)
+    return loop.run()
 
-    if resume and ckpt_root is not None:
-        folder = Path(resume) if isinstance(resume, str) else latest_valid_checkpoint(ckpt_root, accelerator.print)
-        if folder is not None:
-            raw = verify_checkpoint(folder)  # raises on a corrupt explicit checkpoint
-            accelerator.load_state(str(folder))
-            _load_extra_state(folder, extra, accelerator.process_index)
-            state = LoopState(**{k: v for k, v in raw.items() if k != "stopped"})
-            if (folder / BEST_WEIGHTS).is_file():
-                best_weights = load_file(str(folder / BEST_WEIGHTS))
-            accelerator.print(f"resumed from {folder} (epoch {state.epoch}, step {state.step_in_epoch})")
 
-    saved_at: list[tuple[int, int, int]] = []  # position of the newest checkpoint written by this call
+class _Loop:
+    """The state of one :func:`train_loop` call and its steps: resume, train an epoch, end an epoch, checkpoint.
 
-    def checkpoint() -> None:
-        if ckpt_root is None:
+    ``consistent`` is True only where the loop state equals what a regular checkpoint would save (not mid-step,
+    not mid-accumulation, not between an epoch's evaluation and its checkpoint): Ctrl-C is deferred to such a point
+    (``interrupt.py``), so the checkpoint written on the way out is exact.
+    """
+
+    def __init__(self, accelerator: Any, trainable: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
+                 step: Callable[[Any], torch.Tensor], epochs: int, lr_at_epoch: Callable[[int], float],
+                 evaluate: Callable[[int], dict[str, float]] | None, select_metric: str,
+                 checkpoint_dir: str | Path | None, checkpoint_every: int, keep_last: int,
+                 callbacks: list[LoopCallback], batch_size_of: Callable[[Any], int] | None, desc: str,
+                 extra: dict[str, Any], progress: bool) -> None:
+        self.acc, self.trainable, self.optimizer, self.loader, self.step = accelerator, trainable, optimizer, loader, step
+        self.epochs, self.lr_at_epoch, self.evaluate, self.select_metric = epochs, lr_at_epoch, evaluate, select_metric
+        self.ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every, self.keep_last, self.callbacks = checkpoint_every, keep_last, callbacks
+        self.batch_size_of, self.desc, self.extra, self.progress = batch_size_of, desc, extra, progress
+        self.state = LoopState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.unwrapped = accelerator.unwrap_model(trainable)
+        self.saved_at: tuple[int, int, int] | None = None  # position of the newest checkpoint written by this call
+        self.consistent = True
+
+    def resume(self, resume: bool | str) -> None:
+        acc = self.acc
+        if self.ckpt_root is None:
             return
-        saved_at[:] = [(state.epoch, state.step_in_epoch, state.global_step)]
-        step_no = state.global_step
-        if accelerator.is_main_process:
-            begin_checkpoint(ckpt_root, step_no)
-        accelerator.wait_for_everyone()
-        tmp = ckpt_root / f"checkpoint-{step_no}.tmp"
-        accelerator.save_state(str(tmp))  # every rank writes its own RNG state here
-        _save_extra_state(tmp, extra, accelerator.process_index)
-        if best_weights is not None and accelerator.is_main_process:
-            save_file(best_weights, str(tmp / BEST_WEIGHTS))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            seal_checkpoint(ckpt_root, step_no, asdict(state), keep_last=keep_last)
-        accelerator.wait_for_everyone()
+        folder = Path(resume) if isinstance(resume, str) else latest_valid_checkpoint(self.ckpt_root, acc.print)
+        if folder is None:
+            return
+        raw = verify_checkpoint(folder)  # raises on a corrupt explicit checkpoint
+        acc.load_state(str(folder))
+        _load_extra_state(folder, self.extra, acc.process_index)
+        self.state = LoopState(**{k: v for k, v in raw.items() if k != "stopped"})
+        if (folder / BEST_WEIGHTS).is_file():
+            self.best_weights = load_file(str(folder / BEST_WEIGHTS))
+        acc.print(f"resumed from {folder} (epoch {self.state.epoch}, step {self.state.step_in_epoch})")
 
-    callbacks = list(callbacks)
-    # Ctrl-C: the first SIGINT is deferred to the next consistent point (see interrupt.py); `consistent` is True only
-    # where the loop state equals what a regular checkpoint would save, so the checkpoint on the way out is exact.
-    interrupt, consistent = DeferredInterrupt(accelerator).install(), True
-    try:
-        while state.epoch < epochs:
-            epoch = state.epoch
-            lr = lr_at_epoch(epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for callback in callbacks:
-                callback.on_epoch_begin(epoch)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            epoch_loader = loader
-            if state.step_in_epoch:
-                epoch_loader = accelerator.skip_first_batches(loader, state.step_in_epoch)
-                if hasattr(epoch_loader, "set_epoch"):
-                    epoch_loader.set_epoch(epoch)
-            trainable.train()
-            bar = tqdm(total=len(loader), initial=state.step_in_epoch, desc=f"{desc} {epoch + 1}/{epochs}",
-                       disable=not (progress and accelerator.is_local_main_process), leave=False)
-            t0, seen = time.perf_counter(), 0
-            for batch in epoch_loader:
-                consistent = False
-                with accelerator.accumulate(trainable):
-                    loss = step(batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state.step_in_epoch}")
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                state.step_in_epoch += 1
-                state.global_step += 1
-                state.last_loss = float(loss.item())
-                consistent = accelerator.sync_gradients  # mid-accumulation, gradients are in no checkpoint
-                seen += batch_size_of(batch) if batch_size_of else 0
+    def _position(self) -> tuple[int, int, int]:
+        return self.state.epoch, self.state.step_in_epoch, self.state.global_step
+
+    def checkpoint(self) -> None:
+        acc, root = self.acc, self.ckpt_root
+        if root is None:
+            return
+        self.saved_at = self._position()
+        step_no = self.state.global_step
+        if acc.is_main_process:
+            begin_checkpoint(root, step_no)
+        acc.wait_for_everyone()
+        tmp = root / f"checkpoint-{step_no}.tmp"
+        acc.save_state(str(tmp))  # every rank writes its own RNG state here
+        _save_extra_state(tmp, self.extra, acc.process_index)
+        if self.best_weights is not None and acc.is_main_process:
+            save_file(self.best_weights, str(tmp / BEST_WEIGHTS))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            seal_checkpoint(root, step_no, asdict(self.state), keep_last=self.keep_last)
+        acc.wait_for_everyone()
+
+    def _epoch_loader(self, epoch: int) -> Any:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        if not self.state.step_in_epoch:
+            return self.loader
+        skipped = self.acc.skip_first_batches(self.loader, self.state.step_in_epoch)  # mid-epoch resume
+        if hasattr(skipped, "set_epoch"):
+            skipped.set_epoch(epoch)
+        return skipped
+
+    def _one_step(self, batch: Any, epoch: int) -> None:
+        acc, state = self.acc, self.state
+        self.consistent = False
+        with acc.accumulate(self.trainable):
+            loss = self.step(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {state.step_in_epoch}")
+            acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        state.step_in_epoch += 1
+        state.global_step += 1
+        state.last_loss = float(loss.item())
+        self.consistent = acc.sync_gradients  # mid-accumulation, gradients are in no checkpoint
+
+    def train_epoch(self, epoch: int, lr: float, interrupt: Any) -> bool:
+        """One (possibly resumed) epoch of steps; True when a callback stopped training."""
+        acc, state = self.acc, self.state
+        self.trainable.train()
+        bar = tqdm(total=len(self.loader), initial=state.step_in_epoch, desc=f"{self.desc} {epoch + 1}/{self.epochs}",
+                   disable=not (self.progress and acc.is_local_main_process), leave=False)
+        t0, seen = time.perf_counter(), 0
+        try:
+            for batch in self._epoch_loader(epoch):
+                self._one_step(batch, epoch)
+                seen += self.batch_size_of(batch) if self.batch_size_of else 0
                 bar.update(1)
-                bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}",
-                                **({"img/s": f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f}"}
-                                   if batch_size_of else {}))
-                if checkpoint_every and state.global_step % checkpoint_every == 0 and accelerator.sync_gradients:
-                    checkpoint()
-                if consistent:
+                rate = {"img/s": f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}"} \
+                    if self.batch_size_of else {}
+                bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}", **rate)
+                if self.checkpoint_every and state.global_step % self.checkpoint_every == 0 and acc.sync_gradients:
+                    self.checkpoint()
+                if self.consistent:
                     interrupt.raise_if_requested()
-                if any([cb.on_step_end(state) for cb in callbacks]):
-                    bar.close()
+                if any([cb.on_step_end(state) for cb in self.callbacks]):
                     state.stopped = True
-                    return state
+                    return True
+        finally:
             bar.close()
-            consistent = False  # evaluation updates the best-epoch state: consistent again after the checkpoint
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": state.last_loss}
-            if evaluate is not None:
-                metrics = evaluate(epoch)
-                record.update({f"val_{k}": v for k, v in metrics.items()})
-                value = metrics.get(select_metric, float("nan"))
-                if value > state.best_metric or best_weights is None:
-                    state.best_metric, state.best_epoch = float(value), epoch
-                    best_weights = _trainable_state(unwrapped)
-            state.history.append(record)
-            accelerator.log(record, step=state.global_step)
-            state.epoch += 1
-            state.step_in_epoch = 0
-            checkpoint()
-            consistent = True
-            interrupt.raise_if_requested()
-    except KeyboardInterrupt:
-        if not consistent:
-            accelerator.print("interrupted mid-step: no new checkpoint (the newest sealed one is kept)")
-        elif saved_at != [(state.epoch, state.step_in_epoch, state.global_step)]:
-            accelerator.print("interrupted: writing a checkpoint of the last completed step before exiting")
-            checkpoint()
-        raise
-    finally:
-        interrupt.restore()
-    state.best_weights = best_weights  # type: ignore[attr-defined]
-    return state
+        return False
+
+    def end_epoch(self, epoch: int, lr: float) -> None:
+        """Validation, best-epoch bookkeeping, the history record and the epoch-end checkpoint."""
+        state = self.state
+        self.consistent = False  # evaluation updates the best-epoch state: consistent again after the checkpoint
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": state.last_loss}
+        if self.evaluate is not None:
+            metrics = self.evaluate(epoch)
+            record.update({f"val_{k}": v for k, v in metrics.items()})
+            value = metrics.get(self.select_metric, float("nan"))
+            if value > state.best_metric or self.best_weights is None:
+                state.best_metric, state.best_epoch = float(value), epoch
+                self.best_weights = _trainable_state(self.unwrapped)
+        state.history.append(record)
+        self.acc.log(record, step=state.global_step)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        self.checkpoint()
+        self.consistent = True
+
+    def run(self) -> LoopState:
+        state = self.state
+        interrupt = DeferredInterrupt(self.acc).install()  # the first SIGINT waits for a consistent point
+        try:
+            while state.epoch < self.epochs:
+                epoch = state.epoch
+                lr = self.lr_at_epoch(epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                for callback in self.callbacks:
+                    callback.on_epoch_begin(epoch)
+                if self.train_epoch(epoch, lr, interrupt):
+                    return state
+                self.end_epoch(epoch, lr)
+                interrupt.raise_if_requested()
+        except KeyboardInterrupt:
+            if not self.consistent:
+                self.acc.print("interrupted mid-step: no new checkpoint (the newest sealed one is kept)")
+            elif self.saved_at != self._position():
+                self.acc.print("interrupted: writing a checkpoint of the last completed step before exiting")
+                self.checkpoint()
+            raise
+        finally:
+            interrupt.restore()
+        state.best_weights = self.best_weights  # type: ignore[attr-defined]
+        return state
 
 
 def load_best(trainable: nn.Module, state: LoopState) -> bool:
