@@ -177,7 +177,7 @@ def test_sigkill_resumes_without_repeating_finished_trials(tmp_path: Path) -> No
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "ce,ctr"], "unknown method 'ctr'"),
     (["--trials", "0"], "--trials must be >= 1"),
-    (["--val-fraction", "0"], "--val-fraction must be > 0"),
+    (["--val-fraction", "0"], "val_fraction must lie in (0, 1): model selection needs a validation split"),
     (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the Optuna storage"),
 ])
 def test_bad_input_is_one_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
