@@ -48,7 +48,7 @@ def test_headline_finetune_vit_base_through_the_hub(olah_server, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
            str(REPO_ROOT / "recipes" / "finetune.py"), "--backbone", "vit_base", "--dataset", "digits",
            "--image-size", "32", "--max-per-class", "60", "--test-per-class", "10", "--imbalance-ratio", "10",
-           "--stage1-epochs", "1", "--epochs", "1", "--batch-size", "64", "--output-dir", str(out)]
+           "--stage1-epochs", "1", "--stage2-epochs", "1", "--batch-size", "64", "--output-dir", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}\n{olah_server.log_tail()}"
 
