@@ -194,13 +194,17 @@ def test_a_method_from_a_file_outside_the_package_registers_and_runs(tmp_path: P
 def test_every_registered_method_is_documented() -> None:
     import pih2t_hub.methods  # noqa: F401
 
+    from pih2t_hub.training.cli import build_parser
+
     docs = (ROOT / "docs" / "methods.md").read_text()
     readme = (ROOT / "README.md").read_text()
+    help_text = " ".join(build_parser().format_help().split())
     builtin = [m for m in list_methods() if get_method(m).__module__.startswith("pih2t_hub.")]
     for name in builtin:
         assert f"| `{name}` |" in docs, f"{name} missing from the table in docs/methods.md"
         assert f"`{name}`" in readme, f"{name} missing from the README's method table"
         assert get_method(name).summary and get_method(name).paper
+        assert name in help_text, f"{name} missing from --help"
 
 
 if __name__ == "__main__":  # pragma: no cover

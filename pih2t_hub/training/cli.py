@@ -101,7 +101,17 @@ def build_parser(description: str | None = None) -> HfArgumentParser:
         field.type = hints[f.name]
         field.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k in ("help", "choices")})
         HfArgumentParser._parse_dataclass_field(_Group(groups[f.metadata["group"]], _optional(field.type)), field)
+    _list_registered_methods(parser)
     return parser
+
+
+def _list_registered_methods(parser: argparse.ArgumentParser) -> None:
+    """``--method``'s help names every registered method (plug-ins included), from the registry itself."""
+    from ..methods import list_methods
+
+    for action in parser._actions:
+        if "--method" in action.option_strings:
+            action.help = f"long-tail method: one of {', '.join(list_methods())} (docs/methods.md)"
 
 
 def _recipe(name: str, config_dir: Path | None) -> dict[str, Any]:
