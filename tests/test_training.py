@@ -656,17 +656,17 @@ RANK_WRAPPER = textwrap.dedent("""
     recipes, dump, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     sys.path.insert(0, recipes)
     import finetune
-    import pih2t_hub.training.run as run
+    import pih2t_hub.training.stage1 as stage1, pih2t_hub.training.stage2 as stage2
     from safetensors.torch import save_file
     rank, calls = int(os.environ["RANK"]), []
-    best = run.load_best
+    best = stage1.load_best
     def dumping_load_best(trainable, state):
         ok = best(trainable, state)
         calls.append(1)
         tensors = {k: v.detach().cpu().clone().contiguous() for k, v in trainable.state_dict().items()}
         save_file(tensors, str(dump / f"rank{rank}_stage{len(calls)}.safetensors"))
         return ok
-    run.load_best = dumping_load_best
+    stage1.load_best = stage2.load_best = dumping_load_best
     sys.exit(finetune.main(argv))
 """)
 
@@ -689,11 +689,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     log = tmp_path / "torchrun.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", str(wrapper), str(ROOT / "recipes"), str(dump), *argv, "--batch-size", "8",
+                                 "2", str(wrapper), str(ROOT / "recipes"), str(dump), *argv, "--batch-size", "8", "--stage2-batch-size", "8",
                                  "--output-dir", str(two)], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: the launcher and both ranks
     try:
-        assert _load_recipe().main(argv + ["--batch-size", "16", "--output-dir", str(one)]) == 0  # meanwhile
+        assert _load_recipe().main(argv + ["--batch-size", "16", "--stage2-batch-size", "16",
+                                           "--output-dir", str(one)]) == 0  # meanwhile
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
