@@ -38,30 +38,32 @@ def _weight_files(folder: Path) -> list[Path]:
 def verify_model_folder(folder: str | os.PathLike[str], model: Any) -> None:
     """Raise :class:`ModelFolderError` unless ``folder`` reloads as ``model``: config class and every weight.
 
-    Keys ``save_pretrained`` leaves out must be tied to a saved tensor (same storage in the model).
+    The folder is reloaded with the model's own ``from_pretrained`` and every tensor of the state dict compared, so
+    a tensor missing from the files (reloaded at random) or written wrong is caught, and tied weights count once.
     """
     import torch
-    from safetensors import safe_open
 
     folder = Path(folder)
     try:
         type(model.config).from_pretrained(folder)
     except Exception as err:  # noqa: BLE001 - any parse failure means the folder is unusable
         raise ModelFolderError(f"{folder}/config.json does not load: {err}") from err
-    state = model.state_dict()
-    saved: set[str] = set()
-    for path in _weight_files(folder):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key not in state:
-                    raise ModelFolderError(f"{path.name} holds {key!r}, which the model does not have")
-                if not torch.equal(handle.get_tensor(key), state[key].detach().cpu()):
-                    raise ModelFolderError(f"{path.name}: tensor {key!r} differs from the model's")
-                saved.add(key)
-    pointers = {state[k].data_ptr() for k in saved}
-    missing = [k for k in state if k not in saved and state[k].data_ptr() not in pointers]
+    # Reload through the model's own loader rather than reading the safetensors keys: save_pretrained may write
+    # checkpoint-format key names (transformers' conversion mappings) that differ from the module's state_dict.
+    _weight_files(folder)  # a folder without weights is refused before loading
+    try:
+        reloaded, info = type(model).from_pretrained(folder, output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - a folder that does not load is unusable, whatever the reason
+        raise ModelFolderError(f"{folder} does not load as {type(model).__name__}: {str(err).splitlines()[0]}") from err
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
     if missing:
         raise ModelFolderError(f"{folder} lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
+    if unexpected:
+        raise ModelFolderError(f"{folder} holds {unexpected[0]!r}, which the model does not have")
+    state, again = model.state_dict(), reloaded.state_dict()
+    for key, tensor in state.items():
+        if not torch.equal(again[key].detach().cpu(), tensor.detach().cpu()):
+            raise ModelFolderError(f"{folder}: tensor {key!r} differs from the model's after reloading")
 
 
 def _write_extra(folder: Path, name: str, content: ExtraFile) -> None:
