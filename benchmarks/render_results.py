@@ -50,7 +50,9 @@ def _table(reports: list[tuple[str, int, dict]], key: str) -> list[str]:
 def render() -> str:
     reports = _reports()
     if not reports:
-        return "No comparison has been run yet (`python benchmarks/accuracy_longtail.py`)."
+        return ("No comparison result is committed yet: the fair-comparison grid (settings A, B, C and digits at 64 px, "
+                "A and C at 128 px) has not been run to the end on this project's machines. Run "
+                "`OMP_NUM_THREADS=1 python benchmarks/accuracy_longtail.py`, then this script; the tables appear here.")
     lines = ["Balanced accuracy on test, % (mean ± std over seeds; each method tuned with the same budget on "
              "validation; **bold**: the method the comparison picks on validation):", ""]
     lines += _table(reports, "balanced")
