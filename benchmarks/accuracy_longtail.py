@@ -93,8 +93,7 @@ class EncodeMemo:
 
 def install_memo(memo: EncodeMemo) -> None:
     """Route the library's feature extraction through the memo (this process only)."""
-    import pih2t_hub.data.splits as splits
-    import pih2t_hub.data.sources as sources
+    import pih2t_hub.data.sources as sources  # load_splits looks load_dataset_any up in it at call time
     import pih2t_hub.training.cache as cache
 
     real_extract = cache.load_or_extract
@@ -112,7 +111,6 @@ def install_memo(memo: EncodeMemo) -> None:
 
     cache.load_or_extract = load_or_extract
     sources.load_dataset_any = load_dataset_any
-    del splits  # load_splits imports load_dataset_any from the module at call time
 
 
 def run_setting(name: str, size: int, args: argparse.Namespace, memo: EncodeMemo) -> dict[str, Any]:

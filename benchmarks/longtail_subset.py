@@ -1,4 +1,4 @@
-"""Time and memory of ``make_long_tailed`` on a 1,000,000-row dataset (issue 4's target: < 2 s, < 200 MB).
+"""Time and memory of ``make_long_tailed`` on a 1,000,000-row dataset (target: < 2 s, < 200 MB).
 
 The dataset has 1,000 classes x 1,000 rows (shuffled) with a ``ClassLabel`` column and an int64 column, built in
 memory (default) or saved with ``save_to_disk`` and memory-mapped back (``--on-disk``). Peak memory is the

@@ -1,7 +1,7 @@
 """Feature-extraction speed: the adapter against bare timm, the whole input pipeline against the forward alone,
 and one process against two.
 
-**adapter** (issue 9, item 2c). Both sides compute the pooled 1,280-d features of ``tf_efficientnet_lite0`` with
+**adapter** (2c). Both sides compute the pooled 1,280-d features of ``tf_efficientnet_lite0`` with
 the *same* ImageNet weights:
 
 * adapter: ``model.pih2t.pool(model.pih2t.forward_features(x))`` of ``create_model("effnet_lite0", ...)``

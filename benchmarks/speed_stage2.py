@@ -1,4 +1,4 @@
-"""Stage-2 speed (issue 9, items 2a and 2b): cached features against the online recipe, and the cost of fusion.
+"""Stage-2 speed (2a, 2b): cached features against the online recipe, and the cost of fusion.
 
 (a) **Epoch, cached vs online.** The same H2T stage 2 (dual-branch sampler, p = 0.25, linear head, SGD, the
     real ``train_loop`` on ``accelerate``) run two ways over the same ``--images`` images:
@@ -236,7 +236,7 @@ def _step_setup(args: argparse.Namespace, classes: int):
     """A "stage-1" feature cache (classes separated by their means, so distances vary), fp16 as on disk, and the
     fusions: H2T and today's on-the-fly H2TF as ``make_fusion`` builds them, H2TF with per-row precomputed ρ
     (``global``; every row-wise candidate costs the same in the step), and ``pair`` (a class-pair table lookup)."""
-    from pih2t_hub.models.pih2t.fusion import H2TFusion, class_prototypes
+    from pih2t_hub.models.pih2t.fusion import H2TFusion
     from pih2t_hub.training.config import RunConfig
 
     gen = torch.Generator().manual_seed(0)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import statistics
 import time
@@ -161,10 +160,10 @@ class Bench:
         ctx = RunContext(accelerator=self.accelerator, cfg=cfg, method=method, data=self.data, model=model,
                          train_tf=self.ctx.train_tf, eval_tf=self.ctx.eval_tf, features=self.ctx.features,
                          fusion_generator=torch.Generator().manual_seed(seed + 1), checkpoints=False, progress=False)
-        extra: dict[str, Any] = {}
-        _, head = run_stage2(ctx, method_context(ctx, extra))
-        model = method.export(model, head, method_context(ctx, extra))
-        return model, summarize(ctx.eval_head(model.classifier, "val")), extra
+        mctx = method_context(ctx, {})
+        _, head = run_stage2(ctx, mctx)
+        model = method.export(model, head, mctx)
+        return model, summarize(ctx.eval_head(model.classifier, "val")), mctx.results
 
     def test_metrics(self, model: Any) -> dict[str, Any]:
         """The only place the test split is read (its features are extracted on the first call)."""

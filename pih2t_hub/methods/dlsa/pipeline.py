@@ -246,7 +246,8 @@ def cluster_prior(clusters: torch.Tensor, labels: torch.Tensor, num_clusters: in
 def _balanced_softmax_ce(logits: torch.Tensor, target: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Balanced softmax (Ren et al. 2020) as DLSA uses it: CE(logits + log(n_c + 1e-6), y).
 
-    Private on purpose; the package-wide version lives in ``pih2t_hub.losses`` (the lead may unify them).
+    Private on purpose: DLSA's official code adds 1e-6 to the counts (zero-count clusters), which the package-wide
+    ``pih2t_hub.losses`` version refuses; the two differ only there.
     """
     return F.cross_entropy(logits + torch.log(counts.to(logits.dtype) + 1e-6)[None, :], target)
 
