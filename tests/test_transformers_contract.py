@@ -40,6 +40,9 @@ def test_relabel_a_checkpoint_with_class_counts(tmp_path, caplog):
     assert new.config.num_labels == 5 and new.config.class_counts is None
     assert new.config.id2label == {i: f"LABEL_{i}" for i in range(5)}
     assert new.classifier.weight.shape == (5, model.config.num_features)
+    # the new head holds a fresh nn.Linear initialisation (uniform within 1/sqrt(fan_in)), not uninitialised memory
+    bound = model.config.num_features ** -0.5
+    assert 0 < new.classifier.weight.abs().max() <= bound and new.classifier.bias.abs().max() <= bound
     for key, value in model.pih2t.state_dict().items():  # the backbone is the saved one
         assert torch.equal(new.pih2t.state_dict()[key], value), key
     new.save_pretrained(tmp_path / "new")  # a re-labelled model saves and reloads

@@ -74,6 +74,27 @@ class PIH2TPreTrainedModel(PreTrainedModel):
         contexts = super().get_init_context(*args, **kwargs)
         return [c for c in contexts if not (isinstance(c, torch.device) and c.type == "meta")]
 
+    def _move_missing_keys_from_meta_to_device(self, missing_keys: Any, *args: Any, **kwargs: Any) -> None:
+        """Keep the values our real-device build gave to tensors the checkpoint does not hold.
+
+        transformers replaces every missing or size-mismatched tensor, and every non-persistent buffer, with
+        uninitialised memory of the target device, then re-initialises only modules not yet flagged as initialised;
+        ours were initialised (and flagged) during the real-device build, so a re-labelled head
+        (``ignore_mismatched_sizes``) or a timm position table would keep garbage. Copy the built values back.
+        """
+        kept: dict[str, torch.Tensor] = {}
+        for key in missing_keys:
+            tensor = self.get_parameter_or_buffer(key)
+            if not tensor.is_meta:
+                kept[key] = tensor.detach().clone()
+        for key, buffer in self.named_non_persistent_buffers():
+            if not buffer.is_meta:
+                kept[key] = buffer.detach().clone()
+        super()._move_missing_keys_from_meta_to_device(missing_keys, *args, **kwargs)
+        with torch.no_grad():
+            for key, value in kept.items():
+                self.get_parameter_or_buffer(key).copy_(value)
+
     def image_processor_dict(self) -> dict[str, Any]:
         """A transformers image-processor config reproducing the backbone's eval transform.
 
