@@ -1,8 +1,15 @@
-"""Folders that are replaced whole or not at all.
+"""Files and folders that are replaced whole or not at all.
 
-A model folder is several files (config, weights, processor config, code, card, plot). Writing them one by one
-into an existing folder mixes two runs when a write fails half-way (a full disk kept the old weights next to a
-new ``config.json``, which still loaded and predicted differently). Here everything is written into a fresh
+Files: :func:`atomic_write` writes into a temporary sibling (same directory, so the final rename never crosses a
+file system), flushes it to disk, gives it the permissions a plain ``open(path, "w")`` would (``mkstemp`` makes
+it 0600, which would lock a published model file away from a web server or another user), and ``os.replace``-s
+it over the destination. A reader sees the old bytes or the new ones, never a truncated file; any exception
+(``OSError(ENOSPC)`` from the disk, an error in the caller's ``write``) removes the temporary file and leaves the
+destination as it was.
+
+Folders: a model folder is several files (config, weights, processor config, code, card, plot). Writing them one
+by one into an existing folder mixes two runs when a write fails half-way (a full disk kept the old weights next
+to a new ``config.json``, which still loaded and predicted differently). Here everything is written into a fresh
 temporary sibling, checked, flushed to disk, and only then put in place of the old folder:
 
 * on Linux the swap is one ``renameat2(RENAME_EXCHANGE)`` call, so the destination path always names a complete
@@ -23,12 +30,70 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
-__all__ = ["atomic_folder", "swap_folder", "fsync_tree"]
+__all__ = [
+    "atomic_folder",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "dir_mode",
+    "file_mode",
+    "fsync_tree",
+    "swap_folder",
+]
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(..., "w")`` would give a new file (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` would give a new folder (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object], *, text: bool = False) -> Path:
+    """Call ``write(handle)`` on a temporary sibling of ``path``, then put the finished file at ``path``.
+
+    ``handle`` is a binary file, or with ``text`` a UTF-8 text file with ``"\\n"`` line ends (the same bytes on
+    every platform). The parent folder must exist: creating it here could resurrect a folder another process
+    removed on purpose (a pruned checkpoint) and publish a file into it. Returns ``path``.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") if text else os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8, ``"\\n"`` line ends) to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: handle.write(text), text=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def fsync_tree(folder: Path) -> None:
@@ -101,9 +166,7 @@ def atomic_folder(dest: str | os.PathLike[str], verify: Callable[[Path], None] |
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the model folder gets the usual permissions
+    os.chmod(stage, dir_mode())  # mkdtemp makes it private; the model folder gets the usual permissions
     try:
         yield stage
         if verify is not None:

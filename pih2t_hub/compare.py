@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from ._atomic import atomic_write_text
 from .methods import get_method, list_methods
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
@@ -344,9 +345,7 @@ def _write_outputs(report: dict[str, Any], best: tuple[str, Any, dict], bench: B
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic_json(out / "comparison.json", report)
-    tmp = out / "comparison.md.tmp"
-    tmp.write_text(format_report(report) + "\n")
-    tmp.replace(out / "comparison.md")
+    atomic_write_text(out / "comparison.md", format_report(report) + "\n")
     top = sorted(report["methods"], key=lambda k: -report["methods"][k]["tuned"]["val"]["balanced"]["mean"])
     per_class = {k: np.asarray(report["methods"][k]["tuned"]["per_class_mean"]) for k in top[:report["plot_top"]]}
     plot_accuracy_vs_frequency(per_class, bench.data["class_counts"], out / "accuracy_vs_frequency.png",

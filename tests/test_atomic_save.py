@@ -1,4 +1,4 @@
-"""Model folders are replaced whole or not at all: a full disk during a re-save keeps the old model working."""
+"""Files and model folders are replaced whole or not at all: a full disk during a re-save keeps the old ones."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pih2t_hub import create_model
-from pih2t_hub._atomic import atomic_folder, swap_folder
+from pih2t_hub._atomic import atomic_folder, atomic_write, atomic_write_bytes, atomic_write_text, swap_folder
 from pih2t_hub.hub.save import ModelFolderError, save_model_folder, save_run_outputs, verify_model_folder
 
 
@@ -140,3 +140,40 @@ def test_atomic_folder_and_swap_primitives(tmp_path: Path) -> None:
     (other / "b").write_text("3")
     swap_folder(other, dest)
     assert sorted(p.name for p in dest.iterdir()) == ["b"] and not other.exists()
+
+
+def test_a_failed_file_write_keeps_the_old_bytes_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    dest = tmp_path / "results.json"
+    old = b'{"run": 1}\n\x00\xff'  # not valid UTF-8: compared as bytes, not as text
+    dest.write_bytes(old)
+
+    def full_disk(handle) -> None:  # half the new content reaches the temp file, then the disk is full
+        handle.write(b'{"run": 2')
+        assert dest.read_bytes() == old  # the new bytes go to a temp sibling, never over the old file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
+
+    with pytest.raises(OSError) as err:
+        atomic_write(dest, full_disk)
+    assert err.value.errno == errno.ENOSPC
+    assert dest.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_file_write_puts_the_new_bytes_in_place_with_ordinary_permissions(tmp_path: Path) -> None:
+    dest = tmp_path / "card.md"
+    dest.write_bytes(b"old")
+    assert atomic_write_bytes(dest, b"\x89PNG\r\n") == dest
+    assert dest.read_bytes() == b"\x89PNG\r\n"
+    atomic_write_text(dest, "r\u00e9sum\u00e9\nline 2\n")
+    assert dest.read_bytes() == "r\u00e9sum\u00e9\nline 2\n".encode("utf-8")  # UTF-8, line ends untranslated
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.md"]
+
+
+def test_a_file_write_needs_an_existing_folder(tmp_path: Path) -> None:
+    """The primitive never creates folders (it would bring back one that was removed on purpose)."""
+    with pytest.raises(FileNotFoundError):
+        atomic_write_text(tmp_path / "gone" / "trainer_state.json", "{}")
+    assert not (tmp_path / "gone").exists()

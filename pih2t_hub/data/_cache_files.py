@@ -20,17 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import atomic_write_bytes
+
 _CHUNK = 8 << 20  # bytes hashed per read while verifying
 
 
 class CacheIntegrityError(ValueError):
     """A cache file does not match the size or checksum its manifest recorded."""
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
 
 
 class FeatureWriter:
@@ -125,9 +121,7 @@ def write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     data = buffer.getvalue()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    _fsync_replace(tmp, path)
+    atomic_write_bytes(path, data)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 

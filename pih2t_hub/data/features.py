@@ -9,7 +9,8 @@ and read from disk afterwards. The cache directory holds:
   shard of rows of ``features.npy``; one for ``labels.npy``) and a cheap summary of the values (mean, std, zeros,
   non-finite). A request that differs from the stored one *rebuilds* the cache; it is never silently reused.
 * while extracting, ``shard-NNNNN.npz``: ``shard_size`` consecutive samples each, written atomically (temp file +
-  ``os.replace``). A re-run with the same request skips the shards that exist, so a killed extraction resumes.
+  ``os.replace``, :func:`pih2t_hub._atomic.atomic_write`). A re-run with the same request skips the shards that
+  exist, so a killed extraction resumes.
 * when done, ``features.npy`` and ``labels.npy``, opened memory-mapped with ``allow_pickle=False``. Shards are
   deleted after this consolidation.
 
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .._atomic import atomic_write, atomic_write_text
 from ._cache_files import CacheIntegrityError, FeatureWriter, check_sizes, verify_files, write_array
 
 __all__ = [
@@ -95,18 +97,8 @@ def _autocast_name(autocast) -> str | None:
         raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}") from None
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _write_manifest(cache_dir: Path, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=2)
-    _atomic_write(cache_dir / _MANIFEST, lambda h: h.write(text), "w")
+    atomic_write_text(cache_dir / _MANIFEST, json.dumps(manifest, indent=2))
 
 
 def _normalise(manifest: Mapping) -> dict:
@@ -465,7 +457,7 @@ def _seal_shard(cache_dir: Path, shard: int, features: list[list[np.ndarray]], l
         raise ValueError("the dataset returned different labels for the same rows across views")
     stacked = views[0] if len(views) == 1 else np.stack(views, axis=1)
     data, y = np.ascontiguousarray(stacked), view_labels[0].astype(np.int64)
-    _atomic_write(_shard_path(cache_dir, shard), lambda h: np.savez(h, features=data, labels=y))
+    atomic_write(_shard_path(cache_dir, shard), lambda h: np.savez(h, features=data, labels=y))
 
 
 def _read_shard(job: _Job, cache_dir: Path, shard: int) -> tuple[np.ndarray, np.ndarray]:
@@ -597,13 +589,8 @@ def load_or_extract(
     resumed (only missing shards are extracted, by whichever ranks run now); any difference rebuilds from scratch
     (logged as a warning).
     """
-    if not callable(encode):
-        raise TypeError("encode must be callable")
-    _check_options(batch_size, num_views, shard_size, seed, num_workers, manifest)
-    autocast_name = _autocast_name(autocast)
-    device = torch.device(device) if device is not None else None
-    if autocast_name is not None and device is None:
-        raise ValueError("autocast needs device= (the device encode runs on)")
+    autocast_name, device = _check_arguments(encode, batch_size, num_views, shard_size, seed, num_workers, manifest,
+                                             autocast, device)
     group = _process_group(rank, world_size)
     num_samples = len(dataset)
     if num_samples < 1:
@@ -619,8 +606,35 @@ def load_or_extract(
                label_key=label_key, collate_fn=collate_fn,
                num_workers=default_num_workers() if num_workers is None else num_workers, device=device,
                channels_last=bool(channels_last), autocast=autocast_name)
+    return _reuse_or_extract(job, Path(cache_dir), request, group, verify, progress)
 
-    cache_dir = Path(cache_dir)
+
+def _check_arguments(
+    encode: Callable[[Any], torch.Tensor],
+    batch_size: int,
+    num_views: int,
+    shard_size: int,
+    seed: int,
+    num_workers: int | None,
+    manifest: Mapping[str, Any],
+    autocast: str | None,
+    device: torch.device | str | None,
+) -> tuple[str | None, torch.device | None]:
+    """Refuse bad arguments before any process touches the cache; returns the autocast name and the device."""
+    if not callable(encode):
+        raise TypeError("encode must be callable")
+    _check_options(batch_size, num_views, shard_size, seed, num_workers, manifest)
+    autocast_name = _autocast_name(autocast)
+    device = torch.device(device) if device is not None else None
+    if autocast_name is not None and device is None:
+        raise ValueError("autocast needs device= (the device encode runs on)")
+    return autocast_name, device
+
+
+def _reuse_or_extract(job: _Job, cache_dir: Path, request: dict, group: _Group, verify: bool,
+                      progress: bool) -> FeatureCache:
+    """On every rank: open the complete cache for ``request``, or extract the missing shards (split between the
+    ranks) and let rank 0 consolidate them. The barriers keep the ranks in step on the shared directory."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     reused = _reuse_or_reset(cache_dir, request, verify) if group.rank == 0 else None
     group.barrier()
@@ -630,13 +644,13 @@ def load_or_extract(
                            "call load_or_extract with the same arguments (and see the same directory)")
     if stored.get("complete"):
         return reused if reused is not None else FeatureCache.open(cache_dir)
-    todo = [s for s in range(math.ceil(num_samples / shard_size)) if not _shard_path(cache_dir, s).exists()]
+    todo = [s for s in range(math.ceil(job.num_samples / job.shard_size)) if not _shard_path(cache_dir, s).exists()]
     group.barrier()  # everyone has listed the pending shards before anyone seals a new one
     mine = _my_part(todo, group)
     _run_with_progress(job, cache_dir, mine, progress)
     group.barrier()
     if group.rank == 0:
-        _consolidate(job, cache_dir, request, None if device is None else device.type)
+        _consolidate(job, cache_dir, request, None if job.device is None else job.device.type)
     group.barrier()
     return FeatureCache.open(cache_dir)
 

@@ -229,6 +229,81 @@ def _resolve_order(class_order: Sequence[int | str] | None, num_classes: int, na
     return order
 
 
+def _class_name(c: int, names: list[str] | None) -> str:
+    """A class as error messages name it: its id, and its ``ClassLabel`` name when there is one."""
+    return f"{c} ({names[c]!r})" if names is not None else str(c)
+
+
+def _checked_labels(ds, column: str) -> tuple[np.ndarray, list[str] | None, np.ndarray]:
+    """The label of every row, the class names (``ClassLabel`` columns only) and the images per class.
+
+    Refuses an empty split, ids outside ``[0, num_classes)`` and classes without any image: the profile assigns a
+    target to every class, so each of them has to be there.
+    """
+    from datasets import ClassLabel
+
+    labels = label_array(ds, column)
+    if labels.size == 0:
+        raise ValueError("the dataset is empty")
+    if labels.min() < 0:
+        raise ValueError(f"label column {column!r} has negative class ids")
+    feat = ds.features[column]
+    names = feat.names if isinstance(feat, ClassLabel) else None
+    num_classes = _num_classes(ds, column, labels)
+    if labels.max() >= num_classes:
+        raise ValueError(f"label id {labels.max()} out of range for {num_classes} classes in {column!r}")
+    available = np.bincount(labels, minlength=num_classes)
+    empty = np.flatnonzero(available == 0)
+    if empty.size:
+        shown = ", ".join(_class_name(int(c), names) for c in empty[:10])
+        raise ValueError(f"{empty.size} class(es) have zero images in {column!r}: {shown}")
+    return labels, names, available
+
+
+def _class_targets(
+    available: np.ndarray,
+    order: list[int],
+    multipliers: list[float],
+    n_max: int,
+    imbalance_ratio: float,
+    profile: Profile,
+    names: list[str] | None,
+) -> np.ndarray:
+    """Images to keep per class id, checked against what each class has (the error suggests an n_max that fits)."""
+    num_classes = available.size
+    targets_by_rank = long_tail_counts(num_classes, n_max, imbalance_ratio, profile)
+    targets = np.zeros(num_classes, dtype=np.int64)
+    for rank, c in enumerate(order):
+        targets[c] = targets_by_rank[rank]
+    for rank, c in enumerate(order):
+        if targets[c] == 0:
+            raise ValueError(
+                f"class {_class_name(c, names)} (rank {rank}) would keep 0 images with n_max={n_max} and "
+                f"IR={imbalance_ratio}; raise max_per_class or lower the imbalance ratio"
+            )
+        if available[c] < targets[c]:
+            fits = min(_largest_n_max(int(available[k]), multipliers[r]) for r, k in enumerate(order))
+            raise ValueError(
+                f"class {_class_name(c, names)} (rank {rank}) has {available[c]} images but needs {targets[c]} "
+                f"(n_max={n_max}, IR={imbalance_ratio}, profile={profile!r}); use max_per_class <= {fits}"
+            )
+    return targets
+
+
+def _kept_rows(labels: np.ndarray, available: np.ndarray, targets: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted row indices keeping ``targets[c]`` rows of each class ``c``, chosen by ``seed``.
+
+    Every row draws one random key and each class keeps its rows with the lowest keys: the subset is reproducible
+    from ``seed``, and a larger target keeps a superset of the rows a smaller one keeps.
+    """
+    keys = np.random.Generator(np.random.PCG64(seed)).random(labels.size)
+    by_class = np.lexsort((keys, labels))  # rows grouped by class, each group by ascending key
+    starts = np.concatenate(([0], np.cumsum(available)[:-1]))
+    sorted_labels = labels[by_class]
+    rank_in_class = np.arange(labels.size) - starts[sorted_labels]
+    return np.sort(by_class[rank_in_class < targets[sorted_labels]])
+
+
 def make_long_tailed(
     ds,
     imbalance_ratio: float,
@@ -256,32 +331,15 @@ def make_long_tailed(
             images than its target (the message names the class and the largest ``max_per_class`` that fits).
         TypeError: a column that is not a label.
     """
-    from datasets import ClassLabel, Dataset
+    from datasets import Dataset
 
     if not isinstance(ds, Dataset):
         raise TypeError(f"make_long_tailed takes one split (a datasets.Dataset), got {type(ds).__name__}")
     column = resolve_label_column(ds, label_column)
     _check_ratio(imbalance_ratio)
     ds = _encode_if_strings(ds, column)
-    labels = label_array(ds, column)
-    if labels.size == 0:
-        raise ValueError("the dataset is empty")
-    if labels.min() < 0:
-        raise ValueError(f"label column {column!r} has negative class ids")
-    feat = ds.features[column]
-    names = feat.names if isinstance(feat, ClassLabel) else None
-    num_classes = _num_classes(ds, column, labels)
-    if labels.max() >= num_classes:
-        raise ValueError(f"label id {labels.max()} out of range for {num_classes} classes in {column!r}")
-    available = np.bincount(labels, minlength=num_classes)
-
-    def name(c: int) -> str:
-        return f"{c} ({names[c]!r})" if names is not None else str(c)
-
-    empty = np.flatnonzero(available == 0)
-    if empty.size:
-        shown = ", ".join(name(int(c)) for c in empty[:10])
-        raise ValueError(f"{empty.size} class(es) have zero images in {column!r}: {shown}")
+    labels, names, available = _checked_labels(ds, column)
+    num_classes = int(available.size)
 
     order = _resolve_order(class_order, num_classes, names)
     multipliers = _multipliers(num_classes, imbalance_ratio, profile)
@@ -289,30 +347,8 @@ def make_long_tailed(
         n_max = int(min(available[order[r]] for r, m in enumerate(multipliers) if m == 1.0))
     else:
         n_max = max_per_class
-    targets_by_rank = long_tail_counts(num_classes, n_max, imbalance_ratio, profile)
-
-    targets = np.zeros(num_classes, dtype=np.int64)
-    for rank, c in enumerate(order):
-        targets[c] = targets_by_rank[rank]
-    for rank, c in enumerate(order):
-        if targets[c] == 0:
-            raise ValueError(
-                f"class {name(c)} (rank {rank}) would keep 0 images with n_max={n_max} and IR={imbalance_ratio}; "
-                "raise max_per_class or lower the imbalance ratio"
-            )
-        if available[c] < targets[c]:
-            fits = min(_largest_n_max(int(available[k]), multipliers[r]) for r, k in enumerate(order))
-            raise ValueError(
-                f"class {name(c)} (rank {rank}) has {available[c]} images but needs {targets[c]} "
-                f"(n_max={n_max}, IR={imbalance_ratio}, profile={profile!r}); use max_per_class <= {fits}"
-            )
-
-    keys = np.random.Generator(np.random.PCG64(seed)).random(labels.size)
-    by_class = np.lexsort((keys, labels))  # rows grouped by class, each group by ascending key
-    starts = np.concatenate(([0], np.cumsum(available)[:-1]))
-    sorted_labels = labels[by_class]
-    rank_in_class = np.arange(labels.size) - starts[sorted_labels]
-    indices = np.sort(by_class[rank_in_class < targets[sorted_labels]])
+    targets = _class_targets(available, order, multipliers, n_max, imbalance_ratio, profile, names)
+    indices = _kept_rows(labels, available, targets, seed)
 
     return LongTailedSubset(
         dataset=ds.select(indices),

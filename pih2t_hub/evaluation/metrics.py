@@ -207,6 +207,48 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = DEFAULT_EC
     return reliability_diagram_data(probs, labels, n_bins)["ece"]
 
 
+def _checked_counts(train_class_counts: Sequence[int] | Any, num_classes: int | None) -> tuple[np.ndarray, int]:
+    """The training counts as a 1-D array and the number of classes (their length unless given; must agree)."""
+    counts = to_numpy(train_class_counts, "train_class_counts")
+    if counts.ndim != 1:
+        raise ValueError(f"train_class_counts must be 1-D, got shape {counts.shape}")
+    if num_classes is None:
+        num_classes = int(counts.shape[0])
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if counts.shape[0] != num_classes:
+        raise ValueError(f"train_class_counts has {counts.shape[0]} entries but num_classes={num_classes}")
+    return counts, num_classes
+
+
+def _class_groups(groups: Sequence[str] | np.ndarray | None, counts: np.ndarray, num_classes: int,
+                  many_threshold: int, few_threshold: int) -> np.ndarray:
+    """Shot group name per class: ``groups`` as given (checked), else from the training counts and thresholds."""
+    if groups is None:
+        return shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    group_arr = np.asarray(groups, dtype=object)
+    if group_arr.shape != (num_classes,):
+        raise ValueError(f"groups must have one entry per class ({num_classes}), got shape {group_arr.shape}")
+    unknown = set(group_arr.tolist()) - set(SHOT_NAMES)
+    if unknown:
+        raise ValueError(f"groups may only contain {SHOT_NAMES}, got {sorted(map(str, unknown))}")
+    return group_arr
+
+
+def _group_means(
+    per_class: np.ndarray, group_arr: np.ndarray, has: np.ndarray
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Mean per-class accuracy of each shot group over its classes with test images (``NaN`` when there are none),
+    and how many such classes each group has."""
+    means: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    for name in SHOT_NAMES:
+        members = (group_arr == name) & has
+        sizes[name] = int(members.sum())
+        means[name] = float(per_class[members].mean()) if members.any() else float("nan")
+    return means, sizes
+
+
 def longtail_metrics(
     outputs: Any,
     labels: Any,
@@ -242,31 +284,14 @@ def longtail_metrics(
         no test images), ``test_class_counts``, ``groups`` (group name per class), ``group_sizes`` (classes per
         group that have test images), ``confusion_matrix``, ``num_samples``.
     """
-    counts = to_numpy(train_class_counts, "train_class_counts")
-    if counts.ndim != 1:
-        raise ValueError(f"train_class_counts must be 1-D, got shape {counts.shape}")
-    if num_classes is None:
-        num_classes = int(counts.shape[0])
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    if counts.shape[0] != num_classes:
-        raise ValueError(f"train_class_counts has {counts.shape[0]} entries but num_classes={num_classes}")
+    counts, num_classes = _checked_counts(train_class_counts, num_classes)
     labels = _as_labels(labels, "labels", num_classes)
     if labels.size == 0:
         raise ValueError("labels is empty: nothing to evaluate")
     preds, p = _resolve_outputs(outputs, kind, probs, num_classes)
     if preds.shape != labels.shape:
         raise ValueError(f"predictions and labels differ in length: {preds.shape[0]} vs {labels.shape[0]}")
-
-    if groups is None:
-        group_arr = shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)
-    else:
-        group_arr = np.asarray(groups, dtype=object)
-        if group_arr.shape != (num_classes,):
-            raise ValueError(f"groups must have one entry per class ({num_classes}), got shape {group_arr.shape}")
-        unknown = set(group_arr.tolist()) - set(SHOT_NAMES)
-        if unknown:
-            raise ValueError(f"groups may only contain {SHOT_NAMES}, got {sorted(map(str, unknown))}")
+    group_arr = _class_groups(groups, counts, num_classes, many_threshold, few_threshold)
 
     cm = confusion_matrix(preds, labels, num_classes)
     support = cm.sum(axis=1)
@@ -278,11 +303,8 @@ def longtail_metrics(
         "overall": float(np.trace(cm) / labels.size),
         "balanced": float(per_class[has].mean()),
     }
-    group_sizes: dict[str, int] = {}
-    for name in SHOT_NAMES:
-        members = (group_arr == name) & has
-        group_sizes[name] = int(members.sum())
-        result[name] = float(per_class[members].mean()) if members.any() else float("nan")
+    group_means, group_sizes = _group_means(per_class, group_arr, has)
+    result.update(group_means)
     result["ece"] = (
         reliability_diagram_data(p, labels, n_bins)["ece"] if p is not None else None
     )

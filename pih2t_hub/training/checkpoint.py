@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from .._atomic import atomic_write
+
 MANIFEST = "pih2t_checkpoint.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -38,13 +40,7 @@ def _files(folder: Path) -> list[Path]:
 
 def write_atomic_json(path: Path | str, obj: Any) -> None:
     """Write JSON to ``path`` through a temp file and a rename (complete or absent)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str), text=True)
 
 
 def begin_checkpoint(root: Path | str, step: int) -> Path:

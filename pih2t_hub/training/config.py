@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from .._atomic import atomic_write_text
+
 GROUPS = ("data", "model", "method", "stages", "training", "output", "hub")
 SAMPLERS = ("instance", "balanced", "sqrt", "progressive", "dual")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
@@ -154,10 +156,7 @@ class RunConfig:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------- validation
