@@ -1,6 +1,9 @@
-"""Regenerate the README's accuracy table from ``benchmarks/results/compare_*.json`` (never edited by hand).
+"""Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edited by hand).
 
-    python benchmarks/render_results.py          # rewrites the block between the markers in README.md
+Two blocks: the fair comparison (``compare_*.json``) and the choice of H2TF's default distance
+(``h2tf_distance.json``).
+
+    python benchmarks/render_results.py          # rewrites the blocks between the markers in README.md
     python benchmarks/render_results.py --check  # exit 1 if README.md is not what the JSON files give
 """
 
@@ -14,7 +17,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-START, END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 ORDER = ("A", "B", "C", "digits")
 NAMES = {"A": "A: IR 100, n_max 6,000", "B": "B: IR 10, n_max 6,000", "C": "C: IR 100, n_max 1,000",
          "digits": "digits-LT"}
@@ -58,12 +60,47 @@ def render() -> str:
     lines += _table(reports, "balanced")
     lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy %:", ""]
     lines += _table(reports, "few")
-    lines += ["", "| setting | trials per method | seeds | best baseline (validation) | wall time |", "|---|---|---|---|---|"]
+    lines += ["", "| setting | trials per method | seeds | best baseline (validation) | not run | wall time |",
+              "|---|---|---|---|---|---|"]
+    every = {m for *_, r in reports for m in r["methods"]}
     for s, px, r in reports:
         st = r["setting"]
+        missing = ", ".join(f"`{m}`" for m in sorted(every - set(r["methods"]))) or "—"
         lines.append(f"| {NAMES.get(s, s)}, {px} px | {st['trials']} | {st['seeds']} | `{r['best_baseline']}` | "
-                     f"{r['benchmark']['wall_time_s'] / 60:.1f} min ({r['benchmark']['machine'].get('cpus', '?')} CPUs) |")
+                     f"{missing} | {r['benchmark']['wall_time_s'] / 60:.1f} min "
+                     f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) |")
     return "\n".join(lines)
+
+
+def render_distance() -> str:
+    """The H2TF distance study: validation scores per setting, mean rank, the spread of ρ, and the choice."""
+    path = RESULTS / "h2tf_distance.json"
+    if not path.is_file():
+        return "The H2TF distance study has not been run yet (`python benchmarks/h2tf_distance.py`)."
+    r = json.loads(path.read_text())
+    keys = list(r["settings"])
+    lines = ["Validation balanced accuracy, % (mean ± std over seeds; PI-H2T's stage-2 recipe, only the distance and "
+             "mapping varied; the test split is not read). ρ: the keep ratio over the training rows of the first "
+             "setting, 10th–90th percentile.", "",
+             "| distance / mapping | " + " | ".join(keys) + " | mean rank | ρ p10–p90 |",
+             "|---|" + "---|" * (len(keys) + 2)]
+    by = r["by_candidate"]
+    for label in sorted(by, key=lambda c: by[c]["mean_rank"]):
+        cells = [_cell({"mean": r["settings"][k][label]["mean"], "std": r["settings"][k][label]["std"]})
+                 for k in keys]
+        rho = r["settings"][keys[0]][label].get("keep_ratio", {})
+        name = f"**`{label}`** (chosen)" if label == r["chosen"] else f"`{label}`"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {by[label]['mean_rank']:.1f} | "
+                     f"{rho.get('p10', math.nan):.2f}–{rho.get('p90', math.nan):.2f} |")
+    ref = next(label for label in r["settings"][keys[0]] if label not in by)
+    lines.append(f"| `{ref}` (hand-set ratio, for reference) | " + " | ".join(
+        _cell({"mean": r["settings"][k][ref]["mean"], "std": r["settings"][k][ref]["std"]}) for k in keys)
+        + " | — | 0.75 |")
+    return "\n".join(lines)
+
+
+BLOCKS = {("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
+          ("<!-- h2tf-distance:start -->", "<!-- h2tf-distance:end -->"): render_distance}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     readme = (ROOT / "README.md").read_text()
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{render()}\n{END}{tail}"
+    new = readme
+    for (start, end), make in BLOCKS.items():
+        head, rest = new.split(start, 1)
+        _, tail = rest.split(end, 1)
+        new = f"{head}{start}\n{make()}\n{end}{tail}"
     if args.check:
         return 0 if new == readme else 1
     (ROOT / "README.md").write_text(new)

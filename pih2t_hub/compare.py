@@ -33,6 +33,7 @@ import torch
 
 from ._atomic import atomic_write_text
 from .methods import get_method, list_methods
+from .methods.pi_h2t import DEFAULT_DISTANCE, DEFAULT_MAPPING
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
 
@@ -205,7 +206,7 @@ class _Probe:
 
 
 DEFAULT_PARAMS = {"tau": 1.0, "gamma": 2.0, "beta": 0.9999, "max_m": 0.5, "fusion_ratio": 0.25,
-                  "h2tf_mode": "interpolate", "distance": "global", "mapping": "fragment"}
+                  "h2tf_mode": "interpolate", "distance": DEFAULT_DISTANCE, "mapping": DEFAULT_MAPPING}
 
 
 def _default_trial(cand: Candidate, base: RunConfig) -> dict[str, Any]:

@@ -229,3 +229,26 @@ def test_search_spaces_suggest_each_parameter_once_and_contain_the_recipe() -> N
         if cls.recipe is not None:
             low, high, step = cls.epoch_range
             assert low <= cls.recipe.epochs <= high and (cls.recipe.epochs - low) % step == 0, name
+
+
+def test_pi_h2t_default_distance_is_the_one_chosen_on_validation():
+    """The default H2TF candidate is the recorded choice of benchmarks/h2tf_distance.py, recomputed here from
+    its per-setting validation scores (best mean rank; ties by mean score)."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    from pih2t_hub.methods.pi_h2t import DEFAULT_DISTANCE, DEFAULT_MAPPING
+
+    study = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h2tf_distance.json")
+                       .read_text())
+    settings = study["settings"]
+    labels = [c for c in next(iter(settings.values())) if "/" in c]
+    ranks = {c: [] for c in labels}
+    for rows in settings.values():
+        for position, c in enumerate(sorted(labels, key=lambda c: -rows[c]["mean"]), start=1):
+            ranks[c].append(position)
+    best = min(labels, key=lambda c: (statistics.fmean(ranks[c]),
+                                      -statistics.fmean(rows[c]["mean"] for rows in settings.values())))
+    assert study["chosen"] == best == f"{DEFAULT_DISTANCE}/{DEFAULT_MAPPING}"
+    assert "test never read" in study["selection"]
