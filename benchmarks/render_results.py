@@ -72,6 +72,12 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def _setting_name(key: str) -> str:
+    """``C_64`` → ``C, 64 px`` (the study keys its settings as ``<setting>_<size>``)."""
+    setting, _, size = key.rpartition("_")
+    return f"{setting if setting != 'digits' else 'digits-LT'}, {size} px"
+
+
 def render_distance() -> str:
     """The H2TF distance study: validation scores per setting, mean rank, the spread of ρ, and the choice."""
     path = RESULTS / "h2tf_distance.json"
@@ -82,7 +88,7 @@ def render_distance() -> str:
     lines = ["Validation balanced accuracy, % (mean ± std over seeds; PI-H2T's stage-2 recipe, only the distance and "
              "mapping varied; the test split is not read). ρ: the keep ratio over the training rows of the first "
              "setting, 10th–90th percentile.", "",
-             "| distance / mapping | " + " | ".join(keys) + " | mean rank | ρ p10–p90 |",
+             "| distance / mapping | " + " | ".join(_setting_name(k) for k in keys) + " | mean rank | ρ p10–p90 |",
              "|---|" + "---|" * (len(keys) + 2)]
     by = r["by_candidate"]
     for label in sorted(by, key=lambda c: by[c]["mean_rank"]):
