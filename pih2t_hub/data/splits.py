@@ -6,9 +6,14 @@ project does not), so every class with at least two training images keeps at lea
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+#: skipped images named in the warning (all of them are in ``results.json["unreadable_images"]``)
+WARN_FIRST = 5
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,17 +69,21 @@ def load_splits(cfg: Any) -> dict[str, Any]:
     train_pool = load_dataset_any(cfg.dataset, split="train")
     label_col = resolve_label_column(train_pool, cfg.label_column)
     train_pool = encode_string_labels(train_pool, label_col)  # string labels: ids from the train split's names
+    # where each row came from, (dataset split, row in it): a skipped image is named by what the user can look up
+    train_source = ("train", np.arange(len(train_pool)))
     try:
         test = load_dataset_any(cfg.dataset, split="test")
     except (ValueError, KeyError, FileNotFoundError):
         test = None  # no test split: hold out a balanced one before making the training set long-tailed
     if test is not None:
         test = encode_string_labels(test, label_col, names=train_pool.features[label_col].names)
+        test_source = ("test", np.arange(len(test)))
     if test is None:
         labels = np.asarray(train_pool[label_col])
         rest, test_idx = balanced_holdout(labels, cfg.test_per_class, seed=cfg.seed)
         test = train_pool.select(test_idx)
         train_pool = train_pool.select(rest)
+        test_source, train_source = ("train", test_idx), ("train", rest)
     if cfg.imbalance_ratio is None:
         # the train split is already long-tailed (ImageNet-LT, Places-LT, iNat-2018): use it whole
         lt_ds = _encode_labels(train_pool, label_col)
@@ -82,16 +91,15 @@ def load_splits(cfg: Any) -> dict[str, Any]:
         lt = make_long_tailed(train_pool, cfg.imbalance_ratio, profile=cfg.profile, max_per_class=cfg.max_per_class,
                               label_column=cfg.label_column, seed=cfg.seed)
         lt_ds, label_col = lt.dataset, lt.label_column
+        train_source = (train_source[0], train_source[1][lt.indices])
     lt_labels = np.asarray(lt_ds[label_col])
     num_classes = int(lt_labels.max()) + 1
     feature = lt_ds.features[label_col]
     num_classes = max(num_classes, getattr(feature, "num_classes", 0) or 0)
-    skipped: dict[str, list] = {}
+    skipped: dict[str, list[dict[str, Any]]] = {}
     if getattr(cfg, "skip_unreadable_images", False):  # decode every image once; counts below are of kept rows
-        from .transforms import drop_unreadable
-
-        lt_ds, skipped["train"] = drop_unreadable(lt_ds, cfg.image_column)
-        test, skipped["test"] = drop_unreadable(test, cfg.image_column)
+        lt_ds, skipped["train"] = _skip_unreadable(lt_ds, cfg.image_column, "train", train_source)
+        test, skipped["test"] = _skip_unreadable(test, cfg.image_column, "test", test_source)
         lt_labels = np.asarray(lt_ds[label_col])
     keep, val_idx = stratified_split(lt_labels, cfg.val_fraction, seed=cfg.seed)
     train, val = lt_ds.select(keep), lt_ds.select(val_idx)
@@ -100,7 +108,28 @@ def load_splits(cfg: Any) -> dict[str, Any]:
     return {"train": train, "val": val, "test": test, "label_column": label_col, "class_counts": counts,
             "id2label": dict(enumerate(names)), "num_classes": num_classes,
             "lt_counts": np.bincount(lt_labels, minlength=num_classes).tolist(),
-            "skipped_images": {split: len(rows) for split, rows in skipped.items()}}
+            "skipped_images": {split: len(rows) for split, rows in skipped.items()},
+            "unreadable_images": [entry for rows in skipped.values() for entry in rows]}
+
+
+def _skip_unreadable(ds: Any, image_column: str | None, split: str,
+                     source: tuple[str, np.ndarray]) -> tuple[Any, list[dict[str, Any]]]:
+    """``ds`` without its undecodable images, and one record per skipped image: the run's split it was dropped
+    from, the dataset split and row it was read from (``datasets.load_dataset(..., split=...)[row]``), its file
+    (``None`` for embedded bytes) and the decoder's message. A warning names the first :data:`WARN_FIRST`."""
+    from .transforms import _without_rows, find_unreadable
+
+    found = find_unreadable(ds, image_column)
+    dataset_split, rows = source
+    records = [{"split": split, "dataset_split": dataset_split, "row": int(rows[b.row]), "path": b.path,
+                "error": b.error} for b in found]
+    if records:
+        named = ", ".join(f"{r['dataset_split']}[{r['row']}]" + (f" {r['path']}" if r["path"] else "")
+                          for r in records[:WARN_FIRST])
+        more = f" and {len(records) - WARN_FIRST} more" if len(records) > WARN_FIRST else ""
+        logger.warning("skipped %d unreadable image(s) of the %s split (all listed in results.json "
+                       "'unreadable_images'): %s%s", len(records), split, named, more)
+    return _without_rows(ds, [b.row for b in found]), records
 
 
 def _encode_labels(ds: Any, column: str) -> Any:

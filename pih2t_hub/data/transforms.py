@@ -18,16 +18,32 @@ names transformers models and the default collate expect.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["ImageTransform", "UnreadableImageError", "apply_transform", "batch_transform", "build_transform",
-           "decode_image", "drop_unreadable", "resolve_image_column"]
+__all__ = ["ImageTransform", "UnreadableImage", "UnreadableImageError", "apply_transform", "batch_transform",
+           "build_transform", "decode_image", "drop_unreadable", "find_unreadable", "resolve_image_column"]
 
 
 class UnreadableImageError(ValueError):
-    """An image file that cannot be decoded (truncated, not an image); the message names the file."""
+    """An image file that cannot be decoded (truncated, not an image); the message names the file.
+
+    ``path`` is the file's path (``None`` for bytes embedded in the dataset) and ``reason`` the decoder's own
+    message on one line, so a caller can record both without parsing the message."""
+
+    def __init__(self, message: str, path: str | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+class UnreadableImage(NamedTuple):
+    """A row whose image cannot be decoded: its row in the dataset searched, its file (``None`` when the bytes are
+    embedded) and the decoder's one-line message."""
+
+    row: int
+    path: str | None
+    error: str
 
 
 class ImageTransform:
@@ -120,8 +136,9 @@ def decode_image(value: Any):
         image = Image.open(io.BytesIO(data) if data is not None else path)
         image.load()
     except (OSError, SyntaxError, ValueError, TypeError) as err:  # PIL: UnidentifiedImageError, "truncated", ...
-        raise UnreadableImageError(f"cannot read image {path or '(embedded bytes without a file name)'}: "
-                                   f"{' '.join(str(err).split())}") from None
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UnreadableImageError(f"cannot read image {path or '(embedded bytes without a file name)'}: {reason}",
+                                   path=path or None, reason=reason) from None
     return image
 
 
@@ -132,22 +149,36 @@ def _undecoded(ds, image_column: str):
     return ds.cast_column(image_column, Image(decode=False)) if ds.features[image_column].decode else ds
 
 
-def drop_unreadable(ds, image_column: str | None = None, batch_size: int = 256):
-    """``(ds without its unreadable images, [(row, message), ...])``: every image is decoded once to find them
-    (the cost of ``--skip-unreadable-images``); the kept rows keep their order."""
+def find_unreadable(ds, image_column: str | None = None, batch_size: int = 256) -> list[UnreadableImage]:
+    """The rows of ``ds`` whose image cannot be decoded, in row order: every image is decoded once (the cost of
+    ``--skip-unreadable-images``)."""
     column = resolve_image_column(ds, image_column)
     raw = _undecoded(ds, column)
-    bad: list[tuple[int, str]] = []
+    bad: list[UnreadableImage] = []
     for start in range(0, len(raw), batch_size):
         for offset, cell in enumerate(raw[start:start + batch_size][column]):
             try:
                 decode_image(cell)
             except UnreadableImageError as err:
-                bad.append((start + offset, str(err)))
-    if not bad:
-        return ds, bad
-    skip = {row for row, _ in bad}
-    return ds.select([i for i in range(len(ds)) if i not in skip]), bad
+                bad.append(UnreadableImage(start + offset, err.path, err.reason))
+    return bad
+
+
+def drop_unreadable(ds, image_column: str | None = None, batch_size: int = 256):
+    """``(ds without its unreadable images, [(row, message), ...])``, the message naming the file; the kept rows
+    keep their order. :func:`find_unreadable` gives path and decoder message apart."""
+    column = resolve_image_column(ds, image_column)
+    found = find_unreadable(ds, column, batch_size)
+    bad = [(b.row, f"cannot read image {b.path or '(embedded bytes without a file name)'}: {b.error}") for b in found]
+    return _without_rows(ds, [b.row for b in found]), bad
+
+
+def _without_rows(ds, rows):
+    """``ds`` without the given row indices (order kept); ``ds`` itself when there are none."""
+    if not len(rows):
+        return ds
+    skip = {int(r) for r in rows}
+    return ds.select([i for i in range(len(ds)) if i not in skip])
 
 
 def _size_hw(input_size) -> tuple[int, int] | None:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .._names import loss_key as _normalise
 from ._common import CountsLike
 from .class_balanced import ClassBalancedLoss, class_balanced_weights, effective_number
 from .focal import FocalLoss, focal_loss
@@ -61,10 +62,6 @@ def register_loss(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..
         return fn
 
     return deco
-
-
-def _normalise(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
 
 
 def list_losses() -> list[str]:

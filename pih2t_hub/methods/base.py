@@ -16,7 +16,6 @@ a method these questions, never its name:
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._names import method_key as _key
+from .._names import unknown_method_message
 from ..data.samplers import ClassBalancedSampler, DualBranchSampler, InstanceSampler, ProgressiveSampler, SquareRootSampler
 from ..losses import build_loss
 
@@ -196,10 +197,6 @@ class Method:
 _METHODS: dict[str, type[Method]] = {}
 
 
-def _key(name: str) -> str:
-    return name.strip().lower().replace("-", "_").replace("+", "_")
-
-
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: ``@register_method("crt") class CRT(Method): ...`` makes ``--method crt`` work."""
 
@@ -220,10 +217,7 @@ def get_method(name: str) -> type[Method]:
     """The method class by name (``pi-h2t``, ``pi_h2t`` and ``PI-H2T`` are one); unknown names list close ones."""
     key = _key(name)
     if key not in _METHODS:
-        names = list_methods()
-        close = difflib.get_close_matches(name.strip().lower(), names, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(names)}.{hint}")
+        raise ValueError(unknown_method_message(name, list_methods()))
     return _METHODS[key]
 
 

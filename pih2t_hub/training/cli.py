@@ -106,12 +106,13 @@ def build_parser(description: str | None = None) -> HfArgumentParser:
 
 
 def _list_registered_methods(parser: argparse.ArgumentParser) -> None:
-    """``--method``'s help names every registered method (plug-ins included), from the registry itself."""
-    from ..methods import list_methods
+    """``--method``'s help names every method: the built-ins, and plug-ins once the methods package is imported
+    (the names alone, so building the parser imports no torch)."""
+    from .._names import method_names
 
     for action in parser._actions:
         if "--method" in action.option_strings:
-            action.help = f"long-tail method: one of {', '.join(list_methods())} (docs/methods.md)"
+            action.help = f"long-tail method: one of {', '.join(method_names())} (docs/methods.md)"
 
 
 def _recipe(name: str, config_dir: Path | None) -> dict[str, Any]:
@@ -142,11 +143,13 @@ def _one_line(err: BaseException) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the command line's or the machine's, not a bug: one line, exit code 2. All light modules."""
+    from ..registry import HubUnavailableError
     from .checkpoint import CorruptCheckpointError
     from .lock import OutputLockedError, StaleLockError
 
     return (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, OutputLockedError,
-            StaleLockError, CorruptCheckpointError)
+            StaleLockError, CorruptCheckpointError, HubUnavailableError)
 
 
 USER_ERRORS = _user_errors()

@@ -60,7 +60,7 @@ class RunConfig:
     val_fraction: float = _f(0.1, "data", "fraction of the long-tailed train subset held out (stratified) for "
                              "model selection, in (0, 1)")
     image_size: int | None = _f(64, "data", "input resolution in pixels (> 0); none: the backbone's own")
-    skip_unreadable_images: bool = _f(False, "data", "skip images that cannot be decoded (counted in "
+    skip_unreadable_images: bool = _f(False, "data", "skip images that cannot be decoded (counted and listed in "
                                       "results.json) instead of stopping with the file's name")
     # model
     backbone: str = _f("effnet_lite0", "model", "registry alias (effnet_lite0, vit_base, ...), timm name or HF id")
@@ -235,19 +235,17 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 
 def _check_names(cfg: RunConfig) -> None:
-    """Method, loss and Hub repo id: names defined elsewhere, imported only here (cheap modules)."""
-    from ..methods import get_method
+    """Method, loss and Hub repo id: names defined elsewhere. The method and loss names come from
+    :mod:`pih2t_hub._names`, which answers without importing torch, so a bad name is refused in a fraction of a
+    second."""
+    from .._names import check_loss, check_method
 
     try:
-        get_method(cfg.method)
+        check_method(cfg.method)
+        if cfg.loss is not None:
+            check_loss(cfg.loss)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.loss is not None:
-        from ..losses import list_losses
-
-        names = list_losses()
-        if cfg.loss.strip().lower().replace("-", "_") not in {n.lower().replace("-", "_") for n in names}:
-            raise ConfigError(f"unknown loss {cfg.loss!r}; choose from {', '.join(names)}")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise ConfigError("--push-to-hub needs --hub-model-id")
     if cfg.hub_model_id is not None:

@@ -1,9 +1,15 @@
-"""Checks of a run's surroundings that need no data and no model: paths, the start model, the Hub token.
+"""Checks of a run's surroundings that need no data and no model: paths, the start model, the backbone's weights,
+the Hub token.
 
 :meth:`RunConfig.validate` checks the config on its own; :func:`preflight` checks it against the machine, so that a
-dataset path that does not exist, a missing ``--init-from`` folder or ``--push-to-hub`` without a token is refused
-in one line at start, not after extraction and training (a missing path used to surface as "Couldn't reach ... on
-the Hub", a missing folder was tried as a Hub repo id, and a missing token failed only once training was done).
+dataset path that does not exist, a missing ``--init-from`` folder, a backbone whose weights are neither cached nor
+reachable, or ``--push-to-hub`` without a token is refused in one line at start, not after extraction and training
+(a missing path used to surface as "Couldn't reach ... on the Hub", a missing folder was tried as a Hub repo id, and
+a missing token failed only once training was done).
+
+Nothing here imports torch, transformers' models, timm or datasets for a registry alias (``vit_base``,
+``resnet50``, ...): the checks run in well under a second after start-up, before the heavy imports. A timm name
+that is not an alias needs timm's model list, and so its import.
 """
 
 from __future__ import annotations
@@ -65,6 +71,16 @@ def _check_outputs(cfg: RunConfig) -> None:
             raise ConfigError(f"{name} {value!r} is a file, not a folder")
 
 
+def _check_backbone(cfg: RunConfig) -> None:
+    """An unknown backbone name, or one whose weights must come from a Hub that is offline or unreachable while
+    they are not in the cache (:class:`~pih2t_hub.registry.HubUnavailableError`, one line)."""
+    if cfg.init_from is not None:
+        return  # the saved start model carries its backbone
+    from ..registry import check_backbone_available
+
+    check_backbone_available(cfg.backbone, cfg.pretrained)
+
+
 def _check_hub(cfg: RunConfig) -> None:
     if not cfg.push_to_hub:
         return
@@ -77,10 +93,12 @@ def _check_hub(cfg: RunConfig) -> None:
 
 
 def preflight(cfg: RunConfig) -> RunConfig:
-    """Validate ``cfg`` and check it against the file system and the environment; raise :class:`ConfigError`."""
+    """Validate ``cfg`` and check it against the file system and the environment; raise :class:`ConfigError`, or
+    :class:`~pih2t_hub.registry.HubUnavailableError` for a backbone the Hub cannot deliver."""
     cfg.validate()
     _check_dataset(cfg)
     _check_init_from(cfg)
     _check_outputs(cfg)
     _check_hub(cfg)
+    _check_backbone(cfg)  # last: when the Hub is online but the weights are not cached, it asks the Hub (< 4 s)
     return cfg

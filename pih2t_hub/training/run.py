@@ -49,7 +49,8 @@ def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback])
     results: dict[str, Any] = {"method": ctx.method.name, "num_processes": ctx.accelerator.num_processes,
                                "global_batch": cfg.batch_size * ctx.accelerator.num_processes * cfg.grad_accum,
                                "class_counts": ctx.counts.tolist(), "image_size": used_image_size(ctx.data_config),
-                               "mixed_precision": ctx.mixed_precision, "skipped_images": ctx.data["skipped_images"]}
+                               "mixed_precision": ctx.mixed_precision, "skipped_images": ctx.data["skipped_images"],
+                               "unreadable_images": ctx.data.get("unreadable_images", [])}
     rows: dict[str, dict[str, float]] = {}
 
     # ---------------- stage 1: representation (end to end) or linear probe (on cached features)

@@ -169,6 +169,13 @@ class PIH2TModel(PIH2TPreTrainedModel):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values must be a B×C×H×W tensor, got {shape}")
+        if not pixel_values.is_floating_point():
+            # uint8 image bytes would otherwise reach the first conv, whose "expected scalar type Byte but found
+            # Float" reads as if the weights had the wrong dtype; fp16 / bf16 inputs pass
+            raise TypeError(
+                f"pixel_values must be a floating-point tensor, normalised as the image processor does "
+                f"(model.get_image_processor()), got {str(pixel_values.dtype).removeprefix('torch.')}"
+            )
         if pixel_values.shape[1] != self.backbone.in_chans:
             raise ValueError(
                 f"backbone {self.config.backbone!r} expects images with {self.backbone.in_chans} channels, got "
