@@ -17,7 +17,8 @@ Run::
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     nice -n 19 python benchmarks/pif_study.py --epochs 8 --seeds 0,1,2 --image-size 32
 
-Writes ``benchmarks/results/pif_study.json`` and ``pif_study.png`` (curves, clustering, margins).
+Writes ``benchmarks/results/pif_study.json`` and ``pif_study.png`` (curves, clustering, margins). Each finished run
+is kept in ``--workdir`` and reused by a later invocation with the same settings, so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info  # noqa: E402
+from _common import machine_info, write_json  # noqa: E402
 
 from pih2t_hub.methods import register_method  # noqa: E402
 from pih2t_hub.methods.h2t import H2T  # noqa: E402
@@ -176,6 +177,25 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def finished_run(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One run's result, from ``<workdir>/<variant>_s<seed>/result.json`` when an earlier invocation finished it
+    with the same settings (a run takes many minutes on a CPU; the study resumes run by run). An unfinished run's
+    folder is removed and the run starts over."""
+    import shutil
+
+    work = Path(args.workdir) / f"{variant}_s{seed}"
+    record = work / "result.json"
+    key = {"setting": SETTING, "image_size": args.image_size, "stage1_epochs": args.epochs}
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == json.loads(json.dumps(key)):
+            return saved["result"]
+    shutil.rmtree(work, ignore_errors=True)
+    result = one_run(variant, seed, args)
+    write_json(record, {"key": key, "result": json.loads(json.dumps(result, default=float))})
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8, help="stage-1 fine-tuning epochs (default: 8)")
@@ -191,17 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for variant in ("baseline", "pif"):
-            r = one_run(variant, seed, args)
+            r = finished_run(variant, seed, args)
             runs.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "margins"}, default=float))
     report = {"setting": {**SETTING, "image_size": args.image_size, "stage1_epochs": args.epochs,
                           "stage2": "h2t p=0.25, 10 epochs, cached"},
               "runs": runs, "summary": summary(runs), "wall_time_s": round(time.perf_counter() - start, 1),
               "machine": machine_info()}
-    RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / "pif_study.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=float))
-    tmp.replace(RESULTS / "pif_study.json")
+    write_json(RESULTS / "pif_study.json", json.loads(json.dumps(report, default=float)))
     plot(runs, RESULTS / "pif_study.png")
     print(json.dumps(report["summary"], indent=1))
     return 0
