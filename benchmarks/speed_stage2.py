@@ -81,10 +81,13 @@ def long_tailed_labels(n: int, num_classes: int, ratio: float, seed: int) -> tor
 
 
 def sgd(module: nn.Module) -> torch.optim.Optimizer:
+    """Stage 2's optimiser with H2T's recipe (the method whose step the fused steps are compared with)."""
+    from pih2t_hub.methods import get_method
     from pih2t_hub.training.config import RunConfig
 
-    cfg = RunConfig()
-    return torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cfg = get_method("h2t").resolve(RunConfig(method="h2t"))
+    return torch.optim.SGD(module.parameters(), lr=cfg.stage2_lr, momentum=cfg.momentum,
+                           weight_decay=cfg.stage2_weight_decay)
 
 
 class _Discard:
