@@ -11,7 +11,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import by huggingface_hub / datasets
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import importlib.util
 import json
 import math
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_script
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -30,21 +30,11 @@ SUMMARY = {"overall", "balanced", "many", "medium", "few", "ece"}
 DIGITS_TEST = 10 * 20  # balanced test split held out from digits: 10 classes x --test-per-class
 
 
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _load_recipe()
+finetune = load_script("recipes/finetune.py", "finetune_recipe")
 
 
 def _load_evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/evaluate.py", "evaluate_recipe")
 
 
 def _run_cli(argv: list[str]) -> dict:

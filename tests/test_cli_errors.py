@@ -13,7 +13,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -21,20 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "test_resnet", "--pretrained", "false", "--dataset", "digits", "--image-size", "32",
         "--max-per-class", "60", "--imbalance-ratio", "10", "--test-per-class", "20"]
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("finetune_errors", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _recipe()
+finetune = load_script("recipes/finetune.py", "finetune_errors")
 import pih2t_hub.training.run  # noqa: E402,F401 - the one-time import the data cases would otherwise pay first
 
 

@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import importlib.util
 import json
 import math
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_script
 import torch
 from torch import nn
 
@@ -44,9 +44,7 @@ def test_official_recipes_are_the_defaults(method: str, expected: tuple) -> None
 
 
 def test_cli_flags_override_the_recipe_and_the_config_records_it(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("finetune_m", ROOT / "recipes" / "finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
+    finetune = load_script("recipes/finetune.py", "finetune_m")
     cfg = finetune.resolve_config(["--method", "crt", "--stage2-lr", "0.05"])
     resolved = get_method(cfg.method).resolve(cfg)
     assert (resolved.stage2_lr, resolved.stage2_epochs, resolved.stage2_batch_size) == (0.05, 10, 512)
@@ -175,9 +173,7 @@ def test_a_method_from_a_file_outside_the_package_registers_and_runs(tmp_path: P
     path = tmp_path / "my_methods" / "cb_focal.py"
     path.parent.mkdir()
     path.write_text(_docs_example())
-    spec = importlib.util.spec_from_file_location("my_cb_focal", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    load_script(path, "my_cb_focal")  # registers the method, as a user's own file would
     assert "cb_focal_balanced" in list_methods()
     out = tmp_path / "run"
     cfg = RunConfig(backbone="test_resnet", pretrained=False, dataset="digits", image_size=32, max_per_class=40,

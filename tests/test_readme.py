@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -51,9 +53,5 @@ def test_readme_default_run_command_works_offline(tmp_path):
 
 def test_readme_results_tables_are_generated_from_the_committed_json():
     """The accuracy tables are rendered from benchmarks/results/compare_*.json, never typed in."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/render_results.py")
     assert module.main(["--check"]) == 0, "run `python benchmarks/render_results.py` after a benchmark"

@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import by huggingface_hu
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import hashlib
-import importlib.util
 import json
 import math
 import random
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_script
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -473,10 +473,7 @@ KILL_WRAPPER = textwrap.dedent("""
 
 
 def _load_recipe():
-    spec = importlib.util.spec_from_file_location("finetune_recipe_t", ROOT / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/finetune.py", "finetune_recipe_t")
 
 
 def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
