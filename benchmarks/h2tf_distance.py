@@ -51,15 +51,13 @@ def candidates() -> dict[str, tuple[str, dict[str, Any]]]:
     return cands
 
 
-def keep_ratio_spread(bench: Any, distance: str, mapping: str) -> dict[str, float]:
+def keep_ratio_spread(x: Any, y: Any, num_classes: int, distance: str, mapping: str) -> dict[str, float]:
     """Quantiles of the keep ratio ρ over the training rows: how adaptive a distance is (a constant ρ is H2T)."""
     import torch
 
     from pih2t_hub.models.pih2t.fusion import H2TFusion
 
-    x, y = bench.ctx.features["train"].tensors
-    x = x.float()
-    fusion = H2TFusion.from_features(x, y, bench.ctx.model.config.num_labels, distance=distance, mapping=mapping)
+    fusion = H2TFusion.from_features(x, y, num_classes, distance=distance, mapping=mapping)
     if fusion.row_wise:
         rho = fusion.precompute(x, y)
     else:  # depends on the fusing sample too: pair every row with a random other row
@@ -77,6 +75,8 @@ def score_setting(name: str, size: int, seeds: int, workdir: Path) -> dict[str, 
     base = RunConfig(**COMMON, **SETTINGS[name], image_size=size, seed=0, output_dir=str(workdir / f"{name}_{size}"),
                      cache_dir=str(workdir / "features" / f"{name}_{size}"))
     bench = Bench(base.validate(), seeds, progress=False)
+    train_x, train_y = bench.ctx.features["train"].tensors  # read once: ρ's spread is measured for every candidate
+    train_x = train_x.float()
     rows: dict[str, Any] = {}
     for label, (method, overrides) in candidates().items():
         scores = []
@@ -86,9 +86,11 @@ def score_setting(name: str, size: int, seeds: int, workdir: Path) -> dict[str, 
         rows[label] = {"val_balanced": scores, "mean": statistics.fmean(scores),
                        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0}
         if method == "pi-h2t":
-            rows[label]["keep_ratio"] = keep_ratio_spread(bench, **overrides["method_kwargs"])
+            rows[label]["keep_ratio"] = keep_ratio_spread(train_x, train_y, bench.ctx.model.config.num_labels,
+                                                          **overrides["method_kwargs"])
         print(f"{name}_{size} {label:28s} val balanced {rows[label]['mean']:.4f} ± {rows[label]['std']:.4f}",
               flush=True)
+    del train_x, train_y  # a memory map of the cache: release it with the setting
     assert bench.test_evaluations == 0, "the distance is chosen on validation only"
     return rows
 
