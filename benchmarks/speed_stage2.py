@@ -260,15 +260,13 @@ def _step_setup(args: argparse.Namespace, classes: int):
     return gen, cache, pool_y, precomputed.precompute(cache, pool_y), fusions
 
 
-def _batch_fusers(fusions: dict, rho_rows: torch.Tensor, rows: torch.Tensor, fusing_labels: torch.Tensor) -> dict:
-    """Each fusion as ``fuse(f, g, y, cd)`` for this batch: the precomputed one gets the batch's ρ rows (the loader
-    reads them as a third column of the cached dataset, so the gather is not part of the step); pair gets the
-    fusing labels (which the loader returns anyway)."""
-    rho = rho_rows[rows]
-    out = dict(fusions)
-    out["h2tf (precomputed rho)"] = lambda f, g, y, cd: fusions["h2tf (precomputed rho)"](f, g, y, cd, fused_rho=rho)
-    out["h2tf pair (class-pair table)"] = (
-        lambda f, g, y, cd: fusions["h2tf pair (class-pair table)"](f, g, y, cd, fusing_labels=fusing_labels))
+def _batch_kwargs(fusions: dict, rho_rows: torch.Tensor, rows: torch.Tensor, fusing_labels: torch.Tensor) -> dict:
+    """Per fusion, the keywords the training step passes for this batch: the precomputed one gets the batch's ρ
+    rows (the loader reads them as a third column of the cached dataset, so the gather is not part of the step);
+    pair gets the fusing labels (which the loader returns anyway)."""
+    out: dict[str, dict] = {name: {} for name in fusions}
+    out["h2tf (precomputed rho)"] = {"fused_rho": rho_rows[rows]}
+    out["h2tf pair (class-pair table)"] = {"fusing_labels": fusing_labels}
     return out
 
 
@@ -313,13 +311,13 @@ def bench_steps(args: argparse.Namespace, classes: int, batches: list[int], reps
         rows = torch.randint(0, cache.shape[0], (batch,), generator=gen)
         fusing_rows = torch.randint(0, cache.shape[0], (batch,), generator=gen)
         xf, y, xg = cache[rows], pool_y[rows], cache[fusing_rows]
-        fusers = _batch_fusers(fusions, rho_rows, rows, pool_y[fusing_rows])
+        fusers, kwargs = fusions, _batch_kwargs(fusions, rho_rows, rows, pool_y[fusing_rows])
         heads = {name: copy.deepcopy(head0) for name in fusers}
         opts = {name: sgd(h) for name, h in heads.items()}
 
         def step(name: str) -> None:
             head, opt, fuse = heads[name], opts[name], fusers[name]
-            feats = cached_fused_features(xf, xg if fuse else None, y, fuse)
+            feats = cached_fused_features(xf, xg if fuse else None, y, fuse, **kwargs[name])
             loss = loss_fn(head(feats), y)
             loss.backward()
             opt.step()
@@ -327,7 +325,7 @@ def bench_steps(args: argparse.Namespace, classes: int, batches: list[int], reps
 
         def fuse_only(name: str) -> None:  # where the extra time goes: the fusion (incl. fp16 -> float) alone
             fuse = fusers[name]
-            cached_fused_features(xf, xg if fuse else None, y, fuse)
+            cached_fused_features(xf, xg if fuse else None, y, fuse, **kwargs[name])
 
         jobs = {**{n: (lambda n=n: step(n)) for n in fusers},
                 **{f"{n} [features only]": (lambda n=n: fuse_only(n)) for n in fusers}}
@@ -398,7 +396,7 @@ def bench_loader_epoch(args: argparse.Namespace) -> dict[str, Any]:
     def h2tf_step(head):
         def step(b):
             (xf, yf, rf), (xg, _, _) = b["fused"], b["fusing"]
-            return loss_fn(head(h2tf(xf.float(), xg.float(), yf, -1, fused_rho=rf)), yf)
+            return loss_fn(head(cached_fused_features(xf, xg, yf, h2tf, fused_rho=rf)), yf)
         return step
 
     out = {"rows": n, "batch_size": batch, "epochs_timed": args.loader_epochs}

@@ -115,8 +115,8 @@ def _cached_step(trainable: nn.Module, loss_fn: nn.Module, fuse: Callable | None
             return loss_fn(trainable(xf.float()), yf)
         fused, fusing = batch["fused"], batch["fusing"]
         xf, yf, xg = fused[0], fused[1], fusing[0]
-        fz = fuse if len(fused) == 2 else (lambda f, g, y, cd: fuse(f, g, y, cd, fused_rho=fused[2]))
-        return loss_fn(trainable(cached_fused_features(xf, xg, yf, fz)), yf)
+        row_values = {} if len(fused) == 2 else {"fused_rho": fused[2]}
+        return loss_fn(trainable(cached_fused_features(xf, xg, yf, fuse, **row_values)), yf)
 
     return step
 

@@ -7,7 +7,7 @@ or cosine head, the cached path computes exactly the online path with an eval-mo
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -42,13 +42,22 @@ def online_fused_features(
 
 
 def cached_fused_features(
-    fused: torch.Tensor, fusing: torch.Tensor | None, labels: torch.Tensor, fuse: Fuse | None
+    fused: torch.Tensor, fusing: torch.Tensor | None, labels: torch.Tensor, fuse: Fuse | None, **fuse_kwargs: Any
 ) -> torch.Tensor:
-    """The cached path: fuse pooled vectors read from the feature cache (channels on the last dim)."""
+    """The cached path: fuse pooled vectors read from the feature cache (channels on the last dim).
+
+    ``fuse_kwargs`` go to ``fuse`` (e.g. H2TF's precomputed ``fused_rho``). A cache stored in half precision is
+    converted here, so the float32 copy of the fusing rows belongs to this step alone: a fusion that declares
+    ``overwrites_fusing_copy`` may then write its result into that copy instead of allocating a third
+    ``(B, C)`` tensor (one fewer buffer per step; on a CPU at batch 512 that is most of H2TF's overhead).
+    """
     fused = fused.float()
     if fuse is None or fusing is None:
         return fused
-    return fuse(fused, fusing.float(), labels, -1)
+    fusing_float = fusing.float()
+    if fusing_float is not fusing and getattr(fuse, "overwrites_fusing_copy", False):
+        fuse_kwargs["overwrite_fusing"] = True
+    return fuse(fused, fusing_float, labels, -1, **fuse_kwargs)
 
 
 __all__ = ["online_fused_features", "cached_fused_features"]

@@ -272,14 +272,18 @@ def h2tf_apply(
     *,
     channel_dim: int = 1,
     generator: torch.Generator | None = None,
+    overwrite_fusing: bool = False,
 ) -> torch.Tensor:
     """Fuse with given per-sample keep ratios ``rho`` ``(B,)``.
 
     ``mode="interpolate"`` (the fragment): ``x̃_b = ρ_b·x1_b + (1−ρ_b)·x2_b``, one ``lerp`` pass.
     ``mode="replace"`` [RECON]: per-sample H2T, replacing ``floor((1−ρ_b)·C)`` random channels of sample ``b``.
+    ``overwrite_fusing=True`` writes the result into ``fusing`` (same values, no new buffer); only for a caller
+    that owns ``fusing`` and needs no gradient through it, as the cached stage-2 step does with its float copy.
     """
+    out = fusing if overwrite_fusing else None
     if mode == "interpolate":
-        return torch.lerp(fusing, fused, rho.view([-1] + [1] * (fused.dim() - 1)))  # ρ·x1 + (1 − ρ)·x2
+        return torch.lerp(fusing, fused, rho.view([-1] + [1] * (fused.dim() - 1)), out=out)  # ρ·x1 + (1 − ρ)·x2
     if mode == "replace":
         channel_dim = channel_dim % fused.dim()
         num_channels = fused.shape[channel_dim]
@@ -291,7 +295,7 @@ def h2tf_apply(
         weight = torch.empty_like(rank_mask).scatter_(1, keys.argsort(dim=1), rank_mask)  # (B, C) 0/1 lerp weight
         shape = [fused.shape[0]] + [1] * (fused.dim() - 1)
         shape[channel_dim] = num_channels
-        return torch.lerp(fused, fusing, weight.view(shape))
+        return torch.lerp(fused, fusing, weight.view(shape), out=out)
     raise ValueError(f"H2TF mode must be one of {list(H2TF_MODES)}, got {mode!r}")
 
 
@@ -338,6 +342,8 @@ class H2TFusion:
 
     ``generator`` drives ``mode="replace"``'s channel draws (pass a checkpointed one for reproducible runs).
     """
+
+    overwrites_fusing_copy = True  # the cached step may pass ``overwrite_fusing=True`` (see :func:`h2tf_apply`)
 
     def __init__(self, stats: ClassStats, distance: str = "global", *, mode: str = "interpolate",
                  mapping: str = "fragment", generator: torch.Generator | None = None) -> None:
@@ -484,9 +490,10 @@ class H2TFusion:
         return out
 
     def fuse(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor, channel_dim: int = -1, *,
-             fused_rho: torch.Tensor | None = None,
-             fusing_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fused_features, rho)``. With ``fused_rho`` (rows of :meth:`precompute`) nothing is recomputed."""
+             fused_rho: torch.Tensor | None = None, fusing_labels: torch.Tensor | None = None,
+             overwrite_fusing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fused_features, rho)``. With ``fused_rho`` (rows of :meth:`precompute`) nothing is recomputed;
+        ``overwrite_fusing`` reuses ``fusing``'s buffer for the result (ρ is computed before it is written)."""
         _check_pair(fused, fusing)
         if fused_rho is None:
             rho = self.ratios(fused.detach(), labels, fusing.detach(), fusing_labels)
@@ -497,12 +504,16 @@ class H2TFusion:
                 raise ValueError(f"fused_rho of shape {tuple(fused_rho.shape)} for a batch of {fused.shape[0]}")
             rho = fused_rho if fused_rho.dtype == fused.dtype else fused_rho.to(fused.dtype)
             rho = rho if rho.device == fused.device else rho.to(fused.device)
-        return h2tf_apply(fused, fusing, rho, self.mode, channel_dim=channel_dim, generator=self.generator), rho
+        fused_features = h2tf_apply(fused, fusing, rho, self.mode, channel_dim=channel_dim, generator=self.generator,
+                                    overwrite_fusing=overwrite_fusing)
+        return fused_features, rho
 
     def __call__(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor, channel_dim: int = -1, *,
-                 fused_rho: torch.Tensor | None = None, fusing_labels: torch.Tensor | None = None) -> torch.Tensor:
+                 fused_rho: torch.Tensor | None = None, fusing_labels: torch.Tensor | None = None,
+                 overwrite_fusing: bool = False) -> torch.Tensor:
         """The fused features only: the ``Fuse`` signature ``(fused, fusing, labels, channel_dim)`` of the steps."""
-        return self.fuse(fused, fusing, labels, channel_dim, fused_rho=fused_rho, fusing_labels=fusing_labels)[0]
+        return self.fuse(fused, fusing, labels, channel_dim, fused_rho=fused_rho, fusing_labels=fusing_labels,
+                         overwrite_fusing=overwrite_fusing)[0]
 
 
 class PIF(nn.Module):
