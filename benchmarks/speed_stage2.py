@@ -14,8 +14,9 @@
     Each path is warmed up by one step, then timed over whole epochs (online ``--online-epochs``, cached
     ``--cached-epochs``), and reported as seconds per epoch of ``--images`` samples. Target: cached >= 50x faster.
 
-(b) **Step, fusion vs plain.** One optimisation step on cached pooled features (fp16 batch -> float, fusion,
-    linear head forward, cross-entropy, backward, SGD with momentum) for a plain linear head, H2T (p = 0.25) and
+(b) **Step, fusion vs plain.** One optimisation step on cached pooled features (the batch as stored, float32 or
+    float16 per ``--cache-dtypes``, -> float, fusion, linear head forward, cross-entropy, backward, SGD with
+    momentum) for a plain linear head, H2T (p = 0.25) and
     PI-H2T's H2TF (interpolation) three ways: on the fly as ``make_fusion`` builds it (prototype distance
     computed from the batch, what the online path does), with the per-row keep ratios precomputed once from the
     cache (``H2TFusion.precompute``: for cached features a fused-row distance never changes, so the step is a
@@ -235,8 +236,8 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 CACHED_PATH = ("h2t", "h2tf (precomputed rho)")  # what a cached stage-2 step runs: the target applies to these
 
 
-def _step_setup(args: argparse.Namespace, classes: int):
-    """A "stage-1" feature cache (classes separated by their means, so distances vary), fp16 as on disk, and the
+def _step_setup(args: argparse.Namespace, classes: int, cache_dtype: torch.dtype):
+    """A "stage-1" feature cache (classes separated by their means, so distances vary) in ``cache_dtype``, and the
     fusions: H2T and today's on-the-fly H2TF as ``make_fusion`` builds them, H2TF with per-row precomputed ρ
     (``global``; every row-wise candidate costs the same in the step), and ``pair`` (a class-pair table lookup)."""
     from pih2t_hub.models.pih2t.fusion import H2TFusion
@@ -246,7 +247,7 @@ def _step_setup(args: argparse.Namespace, classes: int):
     pool_n = 20 * classes
     pool_y = torch.arange(pool_n) % classes
     centres = torch.randn(classes, args.dim, generator=gen)
-    cache = (centres[pool_y] + torch.randn(pool_n, args.dim, generator=gen)).relu().half()
+    cache = (centres[pool_y] + torch.randn(pool_n, args.dim, generator=gen)).relu().to(cache_dtype)
     cfg = RunConfig(fusion_ratio=0.25)
     precomputed = H2TFusion.from_features(cache, pool_y, classes, distance="global", mode=cfg.h2tf_mode)
     pair = H2TFusion.from_features(cache, pool_y, classes, distance="pair", mode=cfg.h2tf_mode)
@@ -297,16 +298,17 @@ def _time_round(jobs: dict[str, Callable[[], Any]], reps: int, warmup: int) -> d
             for i, clock in enumerate(CLOCKS)}
 
 
-def bench_steps(args: argparse.Namespace, classes: int, batches: list[int], reps: int) -> dict[str, Any]:
+def bench_steps(args: argparse.Namespace, classes: int, batches: list[int], reps: int,
+                cache_dtype: str) -> dict[str, Any]:
     from pih2t_hub.losses import build_loss
     from pih2t_hub.models.pih2t.heads import LinearHead
     from pih2t_hub.training.steps import cached_fused_features
 
-    gen, cache, pool_y, rho_rows, fusions = _step_setup(args, classes)
+    gen, cache, pool_y, rho_rows, fusions = _step_setup(args, classes, getattr(torch, cache_dtype))
     loss_fn = build_loss("ce")
     head0 = LinearHead(args.dim, classes)
-    results: dict[str, Any] = {"dim": args.dim, "num_classes": classes, "repetitions_per_round": reps,
-                               "rounds": args.rounds, "batches": {}}
+    results: dict[str, Any] = {"cache_dtype": cache_dtype, "dim": args.dim, "num_classes": classes,
+                               "repetitions_per_round": reps, "rounds": args.rounds, "batches": {}}
     for batch in batches:
         rows = torch.randint(0, cache.shape[0], (batch,), generator=gen)
         fusing_rows = torch.randint(0, cache.shape[0], (batch,), generator=gen)
@@ -334,7 +336,7 @@ def bench_steps(args: argparse.Namespace, classes: int, batches: list[int], reps
                  for clock in CLOCKS}
         results["batches"][str(batch)] = entry
         med = entry[args.target_clock]["median_ms"]
-        print(f"(b) C={classes} batch {batch} ({args.target_clock} clock): "
+        print(f"(b) {cache_dtype} cache, C={classes} batch {batch} ({args.target_clock} clock): "
               + ", ".join(f"{n} {v:.3f} ms" for n, v in med.items() if "[" not in n), flush=True)
     results["target_ratio"] = STEP_TARGET
     results["target_applies_to"] = list(CACHED_PATH)
@@ -375,7 +377,7 @@ def bench_loader_epoch(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(cpu=True)
     n, batch = args.loader_rows, max(args.step_batches)
     gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(n, args.dim, generator=gen).relu().half()
+    feats = torch.randn(n, args.dim, generator=gen).relu().to(getattr(torch, args.cache_dtypes[0]))
     labels = long_tailed_labels(n, args.classes, 100.0, seed=0)
     ds = TensorDataset(feats, labels)
     h2tf = H2TFusion.from_features(feats, labels, args.classes, distance="global")
@@ -424,9 +426,17 @@ def bench_loader_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_steps(result: dict[str, Any]) -> None:
+    for b in result["b_step_fusion_vs_plain"]["cache_dtypes"].values():
+        _print_step_table(b)
     b = result["b_step_fusion_vs_plain"]
-    print(f"(b) one step on cached features, D={b['dim']}, C={b['num_classes']}: median over {b['rounds']} rounds "
-          f"of the median of {b['repetitions_per_round']} interleaved repetitions")
+    print(f"    target <= {STEP_TARGET}x for {', '.join(b['target_applies_to'])} ({b['target_clock']} clock), "
+          f"every cache dtype: {'met' if b['target_met'] else 'NOT met'}")
+    _print_step_context(result)
+
+
+def _print_step_table(b: dict[str, Any]) -> None:
+    print(f"(b) one step on a {b['cache_dtype']} feature cache, D={b['dim']}, C={b['num_classes']}: median over "
+          f"{b['rounds']} rounds of the median of {b['repetitions_per_round']} interleaved repetitions")
     for batch, entry in b["batches"].items():
         for clock in CLOCKS:
             e = entry[clock]
@@ -438,6 +448,9 @@ def print_steps(result: dict[str, Any]) -> None:
                       f"{m[n + ' [features only]']:.3f} ms   ratio per round {e['per_round_ratio_to_plain'][n]}")
     print(f"    target <= {STEP_TARGET}x for {', '.join(b['target_applies_to'])} ({b['target_clock']} clock): "
           f"{'met' if b['target_met'] else 'NOT met'}")
+
+
+def _print_step_context(result: dict[str, Any]) -> None:
     if "b_context_more_classes" in result:
         cc = result["b_context_more_classes"]
         for batch, entry in cc["batches"].items():
@@ -465,6 +478,8 @@ def main() -> int:
     parser.add_argument("--random-weights", action="store_true", help="skip the ImageNet weights (same speed)")
     parser.add_argument("--dim", type=int, default=1280, help="feature width for (b)")
     parser.add_argument("--step-batches", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--cache-dtypes", nargs="+", choices=("float32", "float16"), default=["float32", "float16"],
+                        help="feature-cache dtypes for (b); float32 is the training default, float16 halves memory")
     parser.add_argument("--step-reps", type=int, default=500, help="interleaved repetitions per round")
     parser.add_argument("--rounds", type=int, default=5,
                         help="repeat (b) this many times and report the median (the machine is shared)")
@@ -488,10 +503,15 @@ def main() -> int:
     if not args.skip_epoch:
         result["a_epoch_cached_vs_online"] = bench_epoch(args)
     if not args.skip_step:
-        result["b_step_fusion_vs_plain"] = bench_steps(args, args.classes, args.step_batches, args.step_reps)
+        per_dtype = {d: bench_steps(args, args.classes, args.step_batches, args.step_reps, d)
+                     for d in args.cache_dtypes}
+        first = per_dtype[args.cache_dtypes[0]]
+        result["b_step_fusion_vs_plain"] = {
+            "cache_dtypes": per_dtype, "target_ratio": STEP_TARGET, "target_applies_to": first["target_applies_to"],
+            "target_clock": args.target_clock, "target_met": all(b["target_met"] for b in per_dtype.values())}
         if args.context_classes:
             result["b_context_more_classes"] = bench_steps(args, args.context_classes, [max(args.step_batches)],
-                                                           max(50, args.step_reps // 3))
+                                                           max(50, args.step_reps // 3), args.cache_dtypes[0])
         result["b_context_loader_epoch"] = bench_loader_epoch(args)
     result["machine"]["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
 

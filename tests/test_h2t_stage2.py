@@ -103,3 +103,19 @@ def test_fusion_needs_unpooled_or_pooled_features_of_matching_shape():
         cached_fused_features(f, f[:, :10], torch.tensor([0, 1]), lambda a, b, y, cd: h2t_fuse(a, b, 0.25)[0])
     with pytest.raises(ValueError, match="batch and a channel"):
         h2t_fuse(torch.zeros(5), torch.zeros(5), 0.25)
+
+
+def test_h2t_on_a_half_precision_cache_replaces_exactly_the_drawn_channels():
+    """The H2T plug-in fuses cached float16 rows as stored and converts once: every output channel is, bit for
+    bit, the float32 value of either the fused or the fusing row, ⌊p·C⌋ of them from the fusing row."""
+    from pih2t_hub.methods.h2t import ChannelReplacement
+
+    g = torch.Generator().manual_seed(0)
+    xf, xg = torch.randn(6, 40, generator=g).half(), torch.randn(6, 40, generator=g).half()
+    out = cached_fused_features(xf, xg, torch.zeros(6, dtype=torch.long),
+                                ChannelReplacement(0.25, torch.Generator().manual_seed(3)))
+    assert out.dtype == torch.float32
+    from_fusing = (out == xg.float()).all(dim=0) & (out != xf.float()).any(dim=0)
+    from_fused = (out == xf.float()).all(dim=0)
+    assert bool((from_fusing | from_fused).all())  # no channel is a mix
+    assert int(from_fusing.sum()) == 10  # ⌊0.25 · 40⌋, the same subset for every sample

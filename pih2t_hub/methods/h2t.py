@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..models.pih2t.fusion import h2t_fuse
 from .base import Fuse, Method, Stage2Context, register_method
 from .ce import H2T_RECIPE
+
+
+class ChannelReplacement:
+    """H2T's fusion with a fixed ratio and channel-draw generator, in the training steps' ``Fuse`` form."""
+
+    def __init__(self, ratio: float, generator: torch.Generator | None) -> None:
+        self.ratio, self.generator = ratio, generator
+
+    def __call__(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor,
+                 channel_dim: int) -> torch.Tensor:
+        return h2t_fuse(fused, fusing, self.ratio, channel_dim=channel_dim, generator=self.generator)[0]
+
+    def fuse_stored(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cached rows fused in their stored dtype, then converted once: a replacement copies values, so this is
+        exactly the float32 result with one conversion instead of two (the same channel draws)."""
+        return self(fused, fusing, labels, -1).float()
 
 
 @register_method("h2t")
@@ -22,8 +40,7 @@ class H2T(Method):
     fusion_site = "map"
 
     def make_fusion(self, ctx: Stage2Context) -> Fuse:
-        ratio, gen = float(self.cfg.fusion_ratio), ctx.generator
-        return lambda f, g, y, cd: h2t_fuse(f, g, ratio, channel_dim=cd, generator=gen)[0]
+        return ChannelReplacement(float(self.cfg.fusion_ratio), ctx.generator)
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

@@ -272,18 +272,14 @@ def h2tf_apply(
     *,
     channel_dim: int = 1,
     generator: torch.Generator | None = None,
-    overwrite_fusing: bool = False,
 ) -> torch.Tensor:
     """Fuse with given per-sample keep ratios ``rho`` ``(B,)``.
 
     ``mode="interpolate"`` (the fragment): ``x̃_b = ρ_b·x1_b + (1−ρ_b)·x2_b``, one ``lerp`` pass.
     ``mode="replace"`` [RECON]: per-sample H2T, replacing ``floor((1−ρ_b)·C)`` random channels of sample ``b``.
-    ``overwrite_fusing=True`` writes the result into ``fusing`` (same values, no new buffer); only for a caller
-    that owns ``fusing`` and needs no gradient through it, as the cached stage-2 step does with its float copy.
     """
-    out = fusing if overwrite_fusing else None
     if mode == "interpolate":
-        return torch.lerp(fusing, fused, rho.view([-1] + [1] * (fused.dim() - 1)), out=out)  # ρ·x1 + (1 − ρ)·x2
+        return torch.lerp(fusing, fused, rho.view([-1] + [1] * (fused.dim() - 1)))  # ρ·x1 + (1 − ρ)·x2
     if mode == "replace":
         channel_dim = channel_dim % fused.dim()
         num_channels = fused.shape[channel_dim]
@@ -295,7 +291,7 @@ def h2tf_apply(
         weight = torch.empty_like(rank_mask).scatter_(1, keys.argsort(dim=1), rank_mask)  # (B, C) 0/1 lerp weight
         shape = [fused.shape[0]] + [1] * (fused.dim() - 1)
         shape[channel_dim] = num_channels
-        return torch.lerp(fused, fusing, weight.view(shape), out=out)
+        return torch.lerp(fused, fusing, weight.view(shape))
     raise ValueError(f"H2TF mode must be one of {list(H2TF_MODES)}, got {mode!r}")
 
 
@@ -342,8 +338,6 @@ class H2TFusion:
 
     ``generator`` drives ``mode="replace"``'s channel draws (pass a checkpointed one for reproducible runs).
     """
-
-    overwrites_fusing_copy = True  # the cached step may pass ``overwrite_fusing=True`` (see :func:`h2tf_apply`)
 
     def __init__(self, stats: ClassStats, distance: str = "global", *, mode: str = "interpolate",
                  mapping: str = "fragment", generator: torch.Generator | None = None) -> None:
@@ -489,31 +483,51 @@ class H2TFusion:
             out[rows] = self.ratios(features[rows].float(), labels[rows])
         return out
 
+    def _given_rho(self, fused_rho: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+        """Precomputed per-row ratios, checked against this distance and batch, on ``fused``'s dtype and device."""
+        if not self.row_wise:
+            raise ValueError(f"fused_rho given, but H2TF distance {self.distance!r} is not fixed per row")
+        if fused_rho.shape != (fused.shape[0],):
+            raise ValueError(f"fused_rho of shape {tuple(fused_rho.shape)} for a batch of {fused.shape[0]}")
+        return fused_rho.to(device=fused.device, dtype=fused.dtype)
+
     def fuse(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor, channel_dim: int = -1, *,
-             fused_rho: torch.Tensor | None = None, fusing_labels: torch.Tensor | None = None,
-             overwrite_fusing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fused_features, rho)``. With ``fused_rho`` (rows of :meth:`precompute`) nothing is recomputed;
-        ``overwrite_fusing`` reuses ``fusing``'s buffer for the result (ρ is computed before it is written)."""
+             fused_rho: torch.Tensor | None = None,
+             fusing_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fused_features, rho)``. With ``fused_rho`` (rows of :meth:`precompute`) nothing is recomputed."""
         _check_pair(fused, fusing)
         if fused_rho is None:
             rho = self.ratios(fused.detach(), labels, fusing.detach(), fusing_labels)
         else:
-            if not self.row_wise:
-                raise ValueError(f"fused_rho given, but H2TF distance {self.distance!r} is not fixed per row")
-            if fused_rho.shape != (fused.shape[0],):
-                raise ValueError(f"fused_rho of shape {tuple(fused_rho.shape)} for a batch of {fused.shape[0]}")
-            rho = fused_rho if fused_rho.dtype == fused.dtype else fused_rho.to(fused.dtype)
-            rho = rho if rho.device == fused.device else rho.to(fused.device)
-        fused_features = h2tf_apply(fused, fusing, rho, self.mode, channel_dim=channel_dim, generator=self.generator,
-                                    overwrite_fusing=overwrite_fusing)
-        return fused_features, rho
+            rho = self._given_rho(fused_rho, fused)
+        return h2tf_apply(fused, fusing, rho, self.mode, channel_dim=channel_dim, generator=self.generator), rho
+
+    def fuse_stored(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor, *,
+                    fused_rho: torch.Tensor | None = None,
+                    fusing_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused float32 features from cached rows ``(B, C)`` in their stored dtype (the cached stage-2 step).
+
+        ρ is computed from float32 values as always. The fusion itself runs in the storage dtype and is converted
+        once: for ``"interpolate"`` the result is the float32 ``lerp`` (with ρ rounded to that dtype) rounded to
+        the cache's precision, at most half a unit in its last place, the rounding every cached row already
+        carries; ``"replace"`` copies values and is exact. On a float16 cache this reads the two halves and
+        writes one float32 tensor instead of making two float32 copies first, which is most of the step's
+        overhead over a plain head step (benchmarks/speed_stage2.py); a float32 cache takes the ordinary path.
+        """
+        if fused.dtype == torch.float32 or not fused.dtype.is_floating_point:
+            return self(fused.float(), fusing.float(), labels, -1, fused_rho=fused_rho, fusing_labels=fusing_labels)
+        _check_pair(fused, fusing)
+        if fused_rho is None:
+            rho = self.ratios(fused.float(), labels, fusing.float(), fusing_labels)
+        else:
+            rho = self._given_rho(fused_rho, fused)
+        rho = rho.to(device=fused.device, dtype=fused.dtype)
+        return h2tf_apply(fused, fusing, rho, self.mode, channel_dim=-1, generator=self.generator).float()
 
     def __call__(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor, channel_dim: int = -1, *,
-                 fused_rho: torch.Tensor | None = None, fusing_labels: torch.Tensor | None = None,
-                 overwrite_fusing: bool = False) -> torch.Tensor:
+                 fused_rho: torch.Tensor | None = None, fusing_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The fused features only: the ``Fuse`` signature ``(fused, fusing, labels, channel_dim)`` of the steps."""
-        return self.fuse(fused, fusing, labels, channel_dim, fused_rho=fused_rho, fusing_labels=fusing_labels,
-                         overwrite_fusing=overwrite_fusing)[0]
+        return self.fuse(fused, fusing, labels, channel_dim, fused_rho=fused_rho, fusing_labels=fusing_labels)[0]
 
 
 class PIF(nn.Module):
