@@ -61,9 +61,12 @@ def render() -> str:
     lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy %:", ""]
     lines += _table(reports, "few")
     lines += ["", "Wall time is that of the run that wrote the JSON; an interrupted comparison resumes its finished "
-              "Optuna trials from storage, so a resumed run's time excludes them.", "",
-              "| setting | trials per method | seeds | best baseline (validation) | not run | wall time |",
-              "|---|---|---|---|---|---|"]
+              "Optuna trials from storage, so a resumed run's wall time excludes them. Tuning time is the sum of "
+              "every trial's duration from the storage's timestamps (all runs; recorded since `tuning_time_s` was "
+              "added to the schema, \"—\" before).", "",
+              "| setting | trials per method | seeds | best baseline (validation) | not run | wall time | "
+              "tuning time |",
+              "|---|---|---|---|---|---|---|"]
     every = {m for *_, r in reports for m in r["methods"]}
     for s, px, r in reports:
         st = r["setting"]
@@ -71,8 +74,12 @@ def render() -> str:
         missing = ", ".join(f"`{m}`" for m in sorted(every - set(r["methods"])) if "+" not in m) or "—"
         lines.append(f"| {NAMES.get(s, s)}, {px} px | {st['trials']} | {st['seeds']} | `{r['best_baseline']}` | "
                      f"{missing} | {r['benchmark']['wall_time_s'] / 60:.1f} min "
-                     f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) |")
+                     f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) | {_minutes(r.get('tuning_time_s'))} |")
     return "\n".join(lines)
+
+
+def _minutes(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _setting_name(key: str) -> str:

@@ -253,7 +253,16 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
     best = study.best_trial
     overrides = cls.search_space(optuna.trial.FixedTrial(best.params))
     return {"overrides": overrides, "params": best.params, "best_val": best.value, "budget": budget,
-            "resumed_trials": len(done)}
+            "resumed_trials": len(done), "trial_seconds": _trial_seconds(study)}
+
+
+def _trial_seconds(study: Any) -> float:
+    """Seconds the study's finished trials took, by the storage's own timestamps: the tuning cost, including trials
+    that an earlier, interrupted run of the comparison finished (a resumed run's wall time does not see those)."""
+    import optuna
+
+    return round(sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+                     if t.state == optuna.trial.TrialState.COMPLETE and t.datetime_start and t.datetime_complete), 1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -335,7 +344,7 @@ def _row(cand: Candidate, tuned: dict[str, Any], final: dict[str, Any], default:
     clean = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
     test = final["test"]
     return {"method": cand.method, "fixed": cand.fixed, "params": tuned["overrides"], "trials": tuned["budget"],
-            "best_val_trial": tuned["best_val"], "balanced": test["balanced"], "few": test["few"],
+            "tuning_s": tuned["trial_seconds"], "best_val_trial": tuned["best_val"], "balanced": test["balanced"], "few": test["few"],
             "many": test["many"], "tuned": clean(final), "default": clean(default)}
 
 
@@ -391,6 +400,7 @@ def compare(base: RunConfig, cc: CompareConfig, progress: bool = True) -> dict[s
             tuned[c.label] = {**tune(bench, c, cc, storage, bar), "candidate": c}
     bar.close()
     rows, models = {}, {}
+    final_start = time.perf_counter()
     for label, t in tuned.items():  # every study is finished: now, and only now, the test split is read
         final = evaluate_final(bench, t["candidate"], t["overrides"], cc.seeds)
         default = evaluate_final(bench, t["candidate"], {}, cc.seeds)
@@ -400,7 +410,9 @@ def compare(base: RunConfig, cc: CompareConfig, progress: bool = True) -> dict[s
     best = _pick(rows, baselines_only=False)
     report = {"schema": SCHEMA, "setting": _setting(base, cc), "best_baseline": reference, "best": best,
               "methods": rows, "test_evaluations": bench.test_evaluations, "plot_top": cc.plot_top,
-              "wall_time_s": round(time.perf_counter() - start, 1)}
+              "wall_time_s": round(time.perf_counter() - start, 1),
+              "tuning_time_s": round(sum(t["trial_seconds"] for t in tuned.values()), 1),
+              "final_time_s": round(time.perf_counter() - final_start, 1)}
     _write_outputs(report, (best, models[best], rows[best]), bench, Path(base.output_dir))
     return report
 

@@ -172,6 +172,16 @@ def test_sigkill_resumes_without_repeating_finished_trials(tmp_path: Path) -> No
     assert len(after) == 5 and after[:len(before)] == before  # finished trials kept, not redone
     report = json.loads((out / "comparison.json").read_text())
     assert report["methods"]["crt"]["trials"] == 5
+    # the tuning time counts the killed run's trials too: the storage's own timestamps, summed here in SQL
+    con = sqlite3.connect(db)
+    spans = con.execute("select t.datetime_start, t.datetime_complete from trials t join studies s using(study_id) "
+                        "where s.study_name = 'crt' and t.state = 'COMPLETE'").fetchall()
+    con.close()
+    from datetime import datetime
+
+    total = sum((datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds() for a, b in spans)
+    assert len(spans) == 5 and report["methods"]["crt"]["tuning_s"] == pytest.approx(total, abs=0.1)
+    assert report["tuning_time_s"] == pytest.approx(total, abs=0.1) and total > 0
 
 
 @pytest.mark.parametrize("argv, message", [
