@@ -1,7 +1,7 @@
 """Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edited by hand).
 
-Two blocks: the fair comparison (``compare_*.json``) and the choice of H2TF's default distance
-(``h2tf_distance.json``).
+Four blocks: the fair comparison (``compare_*.json``), the choice of H2TF's default distance
+(``h2tf_distance.json``), PI-H2T against H2T (from the comparisons) and the PIF stage-1 study (``pif_study.json``).
 
     python benchmarks/render_results.py          # rewrites the blocks between the markers in README.md
     python benchmarks/render_results.py --check  # exit 1 if README.md is not what the JSON files give
@@ -148,7 +148,47 @@ def render_pih2t() -> str:
     return "\n".join(lines)
 
 
+PIF_ROWS = (  # (summary key, label, scale to %, higher is better)
+    ("stage1_balanced", "stage-1 test balanced, %", 100, True),
+    ("stage1_few", "stage-1 test few-shot, %", 100, True),
+    ("stage2_balanced", "after the same stage 2 (H2T p = 0.25): test balanced, %", 100, True),
+    ("stage2_few", "after stage 2: test few-shot, %", 100, True),
+    ("intra_inter_ratio", "intra / inter-class distance (validation features; lower: more clustered)", 1, False),
+    ("silhouette", "silhouette (validation features; higher: more clustered)", 1, True),
+    ("margin_mean", "mean class margin (validation logits)", 1, True),
+    ("margin_few", "few-shot class margin", 1, True),
+    ("curve_last_gain", "validation balanced gain in the last epoch, points", 100, True),
+)
+
+
+def render_pif() -> str:
+    """The PIF stage-1 study (``pif_study.json``): both variants as mean ± std, and the paired per-seed signs."""
+    path = RESULTS / "pif_study.json"
+    if not path.exists():
+        return "The PIF study is not committed yet (`benchmarks/pif_study.py`)."
+    r = json.loads(path.read_text())
+    st, summ = r["setting"], r["summary"]
+    seeds = sorted({run["seed"] for run in r["runs"]})
+    lines = [f"effnet_lite0 fine-tuned end to end for {st['stage1_epochs']} epochs at {st['image_size']} px on "
+             f"{st['dataset']} (IR {st['imbalance_ratio']:g}, n_max {st['max_per_class']:,}), with and without PIF "
+             f"(residual, starting from the identity), seeds {', '.join(map(str, seeds))}; the same stage 2 on "
+             "both. Mean ± std over seeds; the last column is PIF − baseline per seed.", "",
+             "| measured | without PIF | with PIF | PIF − baseline per seed |", "|---|---|---|---|"]
+    for key, label, scale, _ in PIF_ROWS:
+        cells = [f"{scale * summ[v][key]['mean']:.{2 if scale == 100 else 3}f} ± "
+                 f"{scale * summ[v][key]['std']:.{2 if scale == 100 else 3}f}" for v in ("baseline", "pif")]
+        diffs = ", ".join(f"{scale * d:+.{2 if scale == 100 else 3}f}" for d in summ["pif_minus_baseline"][key])
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {diffs} |")
+    curves = {(run["variant"], run["seed"]): run["stage1_curve"] for run in r["runs"]}
+    best = ", ".join(f"{v} seed {s}: epoch {1 + max(range(len(c)), key=c.__getitem__)}"
+                     for (v, s), c in sorted(curves.items()))
+    lines += ["", f"Best validation epoch of each stage-1 curve ({best}); the curves are in "
+              "`benchmarks/results/pif_study.png`."]
+    return "\n".join(lines)
+
+
 BLOCKS = {("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
+          ("<!-- pif-study:start -->", "<!-- pif-study:end -->"): render_pif,
           ("<!-- h2tf-distance:start -->", "<!-- h2tf-distance:end -->"): render_distance,
           ("<!-- pi-h2t:start -->", "<!-- pi-h2t:end -->"): render_pih2t}
 
