@@ -58,7 +58,8 @@ def render() -> str:
     lines = ["Balanced accuracy on test, % (mean ± std over seeds; each method tuned with the same budget on "
              "validation; **bold**: the method the comparison picks on validation):", ""]
     lines += _table(reports, "balanced")
-    lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy %:", ""]
+    lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy % (— also where a setting has no such "
+              "class: in A and B the rarest class has 60 and 600 images):", ""]
     lines += _table(reports, "few")
     lines += ["", "Wall time is that of the run that wrote the JSON; an interrupted comparison resumes its finished "
               "Optuna trials from storage, so a resumed run's wall time excludes them. Tuning time is the sum of "
