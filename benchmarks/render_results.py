@@ -157,16 +157,16 @@ def _gain(methods: dict, label: str, reference: str) -> str:
     return f"{_pct(a['balanced']) - _pct(b['balanced']):+.2f}, {_pct(a['many']) - _pct(b['many']):+.2f}"
 
 
-PIF_ROWS = (  # (summary key, label, scale to %, higher is better)
-    ("stage1_balanced", "stage-1 test balanced, %", 100, True),
-    ("stage1_few", "stage-1 test few-shot, %", 100, True),
-    ("stage2_balanced", "after the same stage 2 (H2T p = 0.25): test balanced, %", 100, True),
-    ("stage2_few", "after stage 2: test few-shot, %", 100, True),
-    ("intra_inter_ratio", "intra / inter-class distance (validation features; lower: more clustered)", 1, False),
-    ("silhouette", "silhouette (validation features; higher: more clustered)", 1, True),
-    ("margin_mean", "mean class margin (validation logits)", 1, True),
-    ("margin_few", "few-shot class margin", 1, True),
-    ("curve_last_gain", "validation balanced gain in the last epoch, points", 100, True),
+PIF_ROWS = (  # (summary key, label, shown in %: fractions as points with 2 decimals, others as they are with 3)
+    ("stage1_balanced", "stage-1 test balanced, %", True),
+    ("stage1_few", "stage-1 test few-shot, %", True),
+    ("stage2_balanced", "after the same stage 2 (H2T p = 0.25): test balanced, %", True),
+    ("stage2_few", "after stage 2: test few-shot, %", True),
+    ("intra_inter_ratio", "intra / inter-class distance (validation features; lower: more clustered)", False),
+    ("silhouette", "silhouette (validation features; higher: more clustered)", False),
+    ("margin_mean", "mean class margin (validation logits)", False),
+    ("margin_few", "few-shot class margin", False),
+    ("curve_last_gain", "validation balanced gain in the last epoch, points", True),
 )
 
 
@@ -183,10 +183,12 @@ def render_pif() -> str:
              f"(residual, starting from the identity), seeds {', '.join(map(str, seeds))}; the same stage 2 on "
              "both. Mean ± std over seeds; the last column is PIF − baseline per seed.", "",
              "| measured | without PIF | with PIF | PIF − baseline per seed |", "|---|---|---|---|"]
-    for key, label, scale, _ in PIF_ROWS:
-        cells = [f"{scale * summ[v][key]['mean']:.{2 if scale == 100 else 3}f} ± "
-                 f"{scale * summ[v][key]['std']:.{2 if scale == 100 else 3}f}" for v in ("baseline", "pif")]
-        diffs = ", ".join(f"{scale * d:+.{2 if scale == 100 else 3}f}" for d in summ["pif_minus_baseline"][key])
+    for key, label, percent in PIF_ROWS:
+        def num(value: float, sign: str = "") -> str:
+            return f"{100 * value:{sign}.2f}" if percent else f"{value:{sign}.3f}"
+
+        cells = [f"{num(summ[v][key]['mean'])} ± {num(summ[v][key]['std'])}" for v in ("baseline", "pif")]
+        diffs = ", ".join(num(d, "+") for d in summ["pif_minus_baseline"][key])
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {diffs} |")
     curves = {(run["variant"], run["seed"]): run["stage1_curve"] for run in r["runs"]}
     best = ", ".join(f"{v} seed {s}: epoch {1 + max(range(len(c)), key=c.__getitem__)}"

@@ -313,12 +313,12 @@ def bench_steps(args: argparse.Namespace, classes: int, batches: list[int], reps
         rows = torch.randint(0, cache.shape[0], (batch,), generator=gen)
         fusing_rows = torch.randint(0, cache.shape[0], (batch,), generator=gen)
         xf, y, xg = cache[rows], pool_y[rows], cache[fusing_rows]
-        fusers, kwargs = fusions, _batch_kwargs(fusions, rho_rows, rows, pool_y[fusing_rows])
-        heads = {name: copy.deepcopy(head0) for name in fusers}
+        kwargs = _batch_kwargs(fusions, rho_rows, rows, pool_y[fusing_rows])
+        heads = {name: copy.deepcopy(head0) for name in fusions}
         opts = {name: sgd(h) for name, h in heads.items()}
 
         def step(name: str) -> None:
-            head, opt, fuse = heads[name], opts[name], fusers[name]
+            head, opt, fuse = heads[name], opts[name], fusions[name]
             feats = cached_fused_features(xf, xg if fuse else None, y, fuse, **kwargs[name])
             loss = loss_fn(head(feats), y)
             loss.backward()
@@ -326,13 +326,13 @@ def bench_steps(args: argparse.Namespace, classes: int, batches: list[int], reps
             opt.zero_grad()
 
         def fuse_only(name: str) -> None:  # where the extra time goes: the fusion (incl. fp16 -> float) alone
-            fuse = fusers[name]
+            fuse = fusions[name]
             cached_fused_features(xf, xg if fuse else None, y, fuse, **kwargs[name])
 
-        jobs = {**{n: (lambda n=n: step(n)) for n in fusers},
-                **{f"{n} [features only]": (lambda n=n: fuse_only(n)) for n in fusers}}
+        jobs = {**{n: (lambda n=n: step(n)) for n in fusions},
+                **{f"{n} [features only]": (lambda n=n: fuse_only(n)) for n in fusions}}
         rounds = [_time_round(jobs, reps, warmup=20) for _ in range(args.rounds)]
-        entry = {clock: _summarise_rounds([r[clock] for r in rounds], [n for n in fusers if n != "plain"])
+        entry = {clock: _summarise_rounds([r[clock] for r in rounds], [n for n in fusions if n != "plain"])
                  for clock in CLOCKS}
         results["batches"][str(batch)] = entry
         med = entry[args.target_clock]["median_ms"]

@@ -344,8 +344,8 @@ def _row(cand: Candidate, tuned: dict[str, Any], final: dict[str, Any], default:
     clean = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
     test = final["test"]
     return {"method": cand.method, "fixed": cand.fixed, "params": tuned["overrides"], "trials": tuned["budget"],
-            "tuning_s": tuned["trial_seconds"], "best_val_trial": tuned["best_val"], "balanced": test["balanced"], "few": test["few"],
-            "many": test["many"], "tuned": clean(final), "default": clean(default)}
+            "tuning_s": tuned["trial_seconds"], "best_val_trial": tuned["best_val"], "balanced": test["balanced"],
+            "few": test["few"], "many": test["many"], "tuned": clean(final), "default": clean(default)}
 
 
 def _write_outputs(report: dict[str, Any], best: tuple[str, Any, dict], bench: Bench, out: Path) -> None:

@@ -518,10 +518,9 @@ class H2TFusion:
             return self(fused.float(), fusing.float(), labels, -1, fused_rho=fused_rho, fusing_labels=fusing_labels)
         _check_pair(fused, fusing)
         if fused_rho is None:
-            rho = self.ratios(fused.float(), labels, fusing.float(), fusing_labels)
+            rho = self.ratios(fused.float(), labels, fusing.float(), fusing_labels).to(fused.device, fused.dtype)
         else:
             rho = self._given_rho(fused_rho, fused)
-        rho = rho.to(device=fused.device, dtype=fused.dtype)
         return h2tf_apply(fused, fusing, rho, self.mode, channel_dim=-1, generator=self.generator).float()
 
     def __call__(self, fused: torch.Tensor, fusing: torch.Tensor, labels: torch.Tensor, channel_dim: int = -1, *,
