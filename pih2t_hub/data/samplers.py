@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .row_batches import GatheredBatch
+
 __all__ = [
     "ClassBalancedSampler",
     "ClassPowerSampler",
@@ -257,7 +259,8 @@ class DualBranchDataset(Dataset):
     (e.g. ``{"fused": {"pixel_values": ..., "labels": ...}, ...}`` for an image dataset with
     ``with_transform``, ``{"fused": [features, labels], ...}`` for a ``TensorDataset``). When the base dataset
     fetches batches natively (``__getitems__``, as ``datasets.Dataset`` does) the two branches are fetched as two
-    batched reads, so each branch's transform runs once per batch with independent random augmentation draws.
+    batched reads, so each branch's transform runs once per batch with independent random augmentation draws;
+    over :class:`~pih2t_hub.data.row_batches.TensorRows` the two gathered branches are the batch itself.
     """
 
     def __init__(self, base) -> None:
@@ -278,13 +281,15 @@ class DualBranchDataset(Dataset):
         i, j = self._pair(index)
         return {"fused": self.base[i], "fusing": self.base[j]}
 
-    def __getitems__(self, indices: list) -> list[dict]:
+    def __getitems__(self, indices: list) -> list[dict] | GatheredBatch:
         pairs = [self._pair(index) for index in indices]
         fused_rows = [i for i, _ in pairs]
         fusing_rows = [j for _, j in pairs]
         if hasattr(self.base, "__getitems__"):
             fused = self.base.__getitems__(fused_rows)
             fusing = self.base.__getitems__(fusing_rows)
+            if isinstance(fused, GatheredBatch):  # already collated columns: the batch is the two of them
+                return GatheredBatch({"fused": fused.batch, "fusing": fusing.batch})
         else:
             fused = [self.base[i] for i in fused_rows]
             fusing = [self.base[j] for j in fusing_rows]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..data.row_batches import batch_fetching, collate_rows
 from ..data.transforms import apply_transform
 from ..evaluation.metrics import longtail_metrics
 from ..methods import Method
@@ -72,7 +73,8 @@ class RunContext:
                                                    num_workers=self.cfg.num_workers))
 
     def feature_loader(self, split: str) -> DataLoader:
-        return self.accelerator.prepare(DataLoader(self.features[split], batch_size=max(self.cfg.batch_size, 256)))
+        return self.accelerator.prepare(DataLoader(batch_fetching(self.features[split]),
+                                                   batch_size=max(self.cfg.batch_size, 256), collate_fn=collate_rows))
 
     def sgd(self, params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=self.cfg.momentum,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..data.row_batches import batch_fetching, collate_rows
 from ..data.samplers import InstanceSampler
 from ..losses import build_loss
 from .context import RunContext, loader_generator
@@ -59,9 +60,9 @@ def linear_stage1(ctx: RunContext) -> LoopState:
     cfg, acc = ctx.cfg, ctx.accelerator
     head = ctx.model.classifier
     loss_fn = build_loss("ce")
-    ds = ctx.features["train"]
+    ds = batch_fetching(ctx.features["train"])
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=InstanceSampler(len(ds), seed=cfg.seed),
-                        generator=loader_generator(cfg.seed))
+                        generator=loader_generator(cfg.seed), collate_fn=collate_rows)
     opt = ctx.sgd(head.parameters(), cfg.stage1_lr, cfg.weight_decay)
     head_p, opt, loader = acc.prepare(head, opt, loader)
     state = train_loop(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..data.row_batches import batch_fetching, collate_rows
 from ..data.samplers import DualBranchDataset
 from ..methods import Stage2Context
 from .bn_state import BufferSnapshots, BufferState, average_buffers
@@ -58,13 +59,14 @@ def _stage2_loader(ctx: RunContext, rows: torch.Tensor | None) -> DataLoader:
         labels = base.tensors[1]
         if rows is not None:  # per-row values travel as a third column, gathered with their rows
             base = TensorDataset(*base.tensors[:2], rows)
+        base = batch_fetching(base)
         ds = DualBranchDataset(base) if method.dual_branch else base
     else:
         base = ctx.images("train", True)
         labels = torch.as_tensor(np.asarray(ctx.data["train"][ctx.data["label_column"]]))
         ds = SeededFetch(DualBranchDataset(base) if method.dual_branch else base, cfg.seed)
     return DataLoader(ds, batch_size=int(cfg.stage2_batch_size), sampler=method.make_sampler(labels, cfg.seed),
-                      num_workers=cfg.num_workers, generator=loader_generator(cfg.seed))
+                      num_workers=cfg.num_workers, generator=loader_generator(cfg.seed), collate_fn=collate_rows)
 
 
 def _batch_len(batch: Any) -> int:
