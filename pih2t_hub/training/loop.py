@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import begin_checkpoint, latest_valid_checkpoint, seal_checkpoint, verify_checkpoint
 from .interrupt import DeferredInterrupt
+from .package_probe import memoise_lomo_check
 
 BEST_WEIGHTS = "best_trainable.safetensors"
 EXTRA_STATE = "extra_state_{rank}.safetensors"
@@ -210,6 +211,7 @@ def train_loop(
     ``state_dict``/``load_state_dict`` (tensors only: generators via :class:`GeneratorState`, modules whose
     buffers change outside the optimiser) saved per rank into every checkpoint and restored on resume.
     """
+    memoise_lomo_check()
     loop = _Loop(accelerator, trainable, optimizer, loader, step, epochs, lr_at_epoch, evaluate, select_metric,
                  checkpoint_dir, checkpoint_every, keep_last, list(callbacks), batch_size_of, desc,
                  dict(extra_state or {}), progress)
