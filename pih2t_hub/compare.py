@@ -249,11 +249,27 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
         bar.update(min(len(done), budget))
     remaining = budget - len(done)
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, callbacks=[progress])
-    best = study.best_trial
+        # workers sharing the storage spend one budget between them: each stops once the study holds it
+        enough = optuna.study.MaxTrialsCallback(budget, states=(optuna.trial.TrialState.COMPLETE,))
+        study.optimize(objective, n_trials=remaining, callbacks=[enough, progress])
+    best = _best_within_budget(study, budget)
     overrides = cls.search_space(optuna.trial.FixedTrial(best.params))
     return {"overrides": overrides, "params": best.params, "best_val": best.value, "budget": budget,
             "resumed_trials": len(done), "trial_seconds": _trial_seconds(study)}
+
+
+def _best_within_budget(study: Any, budget: int) -> Any:
+    """The best of the first ``budget`` trials to finish (ties: the lower trial number).
+
+    Workers that share a storage can finish a few trials past the budget (each was started while the study still
+    had room); those are not counted, so every method is chosen from the same number of trials and every worker
+    picks the same one.
+    """
+    import optuna
+
+    finished = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+                      key=lambda t: (t.datetime_complete, t.number))[:budget]
+    return max(finished, key=lambda t: (t.value, -t.number))
 
 
 def _trial_seconds(study: Any) -> float:

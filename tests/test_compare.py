@@ -198,3 +198,48 @@ def test_bad_input_is_one_line(argv: list[str], message: str, tmp_path: Path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert time.monotonic() - start < 10
+
+
+class _ScoreBench:
+    """A stand-in for the shared bench: each fit scores ``score(n)`` for the n-th call, and can run a side effect
+    (another worker finishing trials in the same storage) before returning."""
+
+    def __init__(self, score, during=None) -> None:
+        self.base, self.score, self.during, self.calls = RunConfig(**DATA), score, during, 0
+
+    def fit(self, cand, overrides, seed):
+        self.calls += 1
+        if self.during is not None:
+            self.during(self.calls)
+        return None, {"balanced": self.score(self.calls)}, {}
+
+
+def test_workers_sharing_a_storage_spend_one_budget(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    storage = cmp._open_storage(url)
+    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=4, seeds=1)
+    cand = cmp.Candidate("logit_adjusted", "logit_adjusted")
+    seen: dict = {}
+
+    def other_worker(call: int) -> None:  # while this worker's first trial runs, another finishes three
+        if call == 1:
+            other = optuna.load_study(study_name="logit_adjusted", storage=url)
+            running = other.trials[-1]  # the other worker draws the same kind of configuration
+            seen.update(params=running.params, distributions=running.distributions)
+            for value in (0.50, 0.60, 0.55):
+                other.add_trial(optuna.trial.create_trial(value=value, **seen))
+
+    bench = _ScoreBench(lambda n: 0.40 + 0.01 * n, during=other_worker)
+    out = cmp.tune(bench, cand, cc, storage)
+    assert bench.calls == 1  # the study held the budget after its first own trial: it stopped there
+    study = optuna.load_study(study_name="logit_adjusted", storage=url)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4
+    assert out["best_val"] == pytest.approx(0.60)
+
+    # a fifth trial finishing past the budget (a worker that started it in time) is not counted, by anyone
+    study.add_trial(optuna.trial.create_trial(value=0.99, **seen))
+    late = _ScoreBench(lambda n: 1.0)
+    again = cmp.tune(late, cand, cc, storage)
+    assert late.calls == 0 and again["best_val"] == pytest.approx(0.60)
+    assert [t.value for t in optuna.load_study(study_name="logit_adjusted", storage=url).trials][-1] == 0.99
