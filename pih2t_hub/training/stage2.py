@@ -14,9 +14,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from ..data.row_batches import batch_fetching, collate_rows
+from ..data.row_batches import TensorRows, batch_fetching, collate_rows
 from ..data.samplers import DualBranchDataset
 from ..methods import Stage2Context
 from .bn_state import BufferSnapshots, BufferState, average_buffers
@@ -57,9 +57,8 @@ def _stage2_loader(ctx: RunContext, rows: torch.Tensor | None) -> DataLoader:
     if cfg.stage2_mode == "cached":
         base = ctx.features["train"]
         labels = base.tensors[1]
-        if rows is not None:  # per-row values travel as a third column, gathered with their rows
-            base = TensorDataset(*base.tensors[:2], rows)
-        base = batch_fetching(base)
+        # per-row values travel as a third column, gathered with their rows
+        base = TensorRows(*base.tensors[:2], rows) if rows is not None else batch_fetching(base)
         ds = DualBranchDataset(base) if method.dual_branch else base
     else:
         base = ctx.images("train", True)
