@@ -115,18 +115,20 @@ def plugin_fusion(method: str, cfg: Any, generator: torch.Generator, train: tupl
 def timed_loop(accelerator, head: nn.Module, loader: DataLoader, step_of: Callable, epochs: int,
                hooks: list) -> tuple[float, int]:
     """Warm up one step, then time ``epochs`` whole epochs of the real ``train_loop``; (seconds, steps)."""
-    from pih2t_hub.training.loop import EpochHook, StopAfterSteps, cosine_per_epoch, train_loop
+    from pih2t_hub.schedules import cosine_schedule
+    from pih2t_hub.training.loop import EpochHook, StopAfterSteps, train_loop
 
     opt = sgd(head)
     head_p, opt, loader_p = accelerator.prepare(head, opt, loader)
     step = step_of(head_p)
-    lr = opt.param_groups[0]["lr"]
-    kwargs = dict(trainable=head_p, optimizer=opt, loader=loader_p, step=step, lr_at_epoch=cosine_per_epoch(lr, epochs))
+    kwargs = dict(trainable=head_p, optimizer=opt, loader=loader_p, step=step)
     hooks = [EpochHook(h) for h in hooks]
     with contextlib.redirect_stderr(_Discard()):  # warm-up (allocations, oneDNN kernels)
-        train_loop(accelerator, epochs=1, callbacks=[*hooks, StopAfterSteps(1)], **kwargs)
+        train_loop(accelerator, epochs=1, lr_scheduler=cosine_schedule(opt, epochs),
+                   callbacks=[*hooks, StopAfterSteps(1)], **kwargs)
         start = time.perf_counter()
-        state = train_loop(accelerator, epochs=epochs, callbacks=hooks, **kwargs)
+        state = train_loop(accelerator, epochs=epochs, lr_scheduler=cosine_schedule(opt, epochs), callbacks=hooks,
+                           **kwargs)
         elapsed = time.perf_counter() - start
     return elapsed, state.global_step
 

@@ -32,13 +32,11 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_write_text
-from .methods import get_method, list_methods
-from .methods.pi_h2t import DEFAULT_DISTANCE, DEFAULT_MAPPING
+from .methods import default_trial_params, fusion_methods, get_method, list_methods
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
 
 SCHEMA = "pih2t_hub.compare/1"
-FUSION_METHODS = ("h2t", "pi-h2t")
 
 
 @dataclass
@@ -205,15 +203,11 @@ class _Probe:
         return choices[0]
 
 
-DEFAULT_PARAMS = {"tau": 1.0, "gamma": 2.0, "beta": 0.9999, "max_m": 0.5, "fusion_ratio": 0.25,
-                  "h2tf_mode": "interpolate", "distance": DEFAULT_DISTANCE, "mapping": DEFAULT_MAPPING}
-
-
 def _default_trial(cand: Candidate, base: RunConfig) -> dict[str, Any]:
     """The published recipe as trial parameters (enqueued first)."""
     cfg = get_method(cand.method).resolve(_merge(dataclasses.replace(base, method=cand.method), cand.fixed))
     recipe = {f"stage2_{k}": getattr(cfg, f"stage2_{k}") for k in ("lr", "weight_decay", "epochs")}
-    return {**DEFAULT_PARAMS, **recipe}
+    return {**default_trial_params(), **recipe}
 
 
 def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: Any = None) -> dict[str, Any]:
@@ -319,7 +313,7 @@ def _combos(tuned: dict[str, dict[str, Any]], methods: Iterable[str]) -> list[Ca
         return []
     cls = get_method(tuned[x]["candidate"].method)
     fixed = {"loss": cls.loss, "loss_kwargs": {**cls.loss_kwargs, **tuned[x]["overrides"].get("loss_kwargs", {})}}
-    return [Candidate(f"{get_method(f).name}+{x}", f, fixed) for f in FUSION_METHODS if f in methods]
+    return [Candidate(f"{get_method(f).name}+{x}", f, fixed) for f in fusion_methods() if f in methods]
 
 
 # ---------------------------------------------------------------------------------------------- the report

@@ -49,11 +49,10 @@ from pih2t_hub.training.loop import (
     GeneratorState,
     SeededFetch,
     StopAfterSteps,
-    cosine_per_epoch,
     load_best,
     train_loop,
-    warmup_multistep,
 )
+from pih2t_hub.schedules import cosine_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "test_resnet", "--pretrained", "false", "--dataset", "digits", "--image-size", "32",
@@ -158,18 +157,6 @@ def test_write_atomic_json_leaves_no_temp_file(tmp_path: Path) -> None:
 # ============================================================================================ loop helpers
 
 
-def test_cosine_per_epoch_matches_hand_values() -> None:
-    lr = cosine_per_epoch(0.1, 4)  # 0.1 * (1 + cos(pi e / 4)) / 2
-    np.testing.assert_allclose([lr(e) for e in range(4)], [0.1, 0.0853553390593, 0.05, 0.0146446609407],
-                               rtol=1e-10)
-
-
-def test_warmup_multistep_matches_hand_values() -> None:
-    lr = warmup_multistep(0.1, 2, [4, 6], gamma=0.1)
-    np.testing.assert_allclose([lr(e) for e in range(8)], [0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
-                               rtol=1e-12)
-
-
 class _NoisyItems(Dataset):
     """Items that draw from all three global RNGs, like timm/torchvision augmentations do."""
 
@@ -246,7 +233,7 @@ def toy_run(ckpt: Path | None, *, epochs: int = 3, checkpoint_every: int = 3, re
         return {"balanced": acc + 1e-3 * float(model.weight.detach().sum())}  # a tie-free selection metric
 
     state = train_loop(accelerator, trainable=model, optimizer=opt, loader=loader, step=step, epochs=epochs,
-                       lr_at_epoch=cosine_per_epoch(0.1, epochs), evaluate=evaluate, checkpoint_dir=ckpt,
+                       lr_scheduler=cosine_schedule(opt, epochs), evaluate=evaluate, checkpoint_dir=ckpt,
                        checkpoint_every=checkpoint_every, keep_last=2, resume=resume,
                        callbacks=[StopAfterSteps(stop)] if stop is not None else [],
                        extra_state={"noise": GeneratorState(noise)})
@@ -351,7 +338,7 @@ def test_explicit_corrupt_checkpoint_leaves_the_model_untouched(tmp_path: Path) 
     model, opt = accelerator.prepare(model, opt)
     with pytest.raises(CorruptCheckpointError, match="partial"):
         train_loop(accelerator, trainable=model, optimizer=opt, loader=[], step=lambda b: b, epochs=1,
-                   lr_at_epoch=lambda e: 0.1, checkpoint_dir=tmp_path, resume=str(tmp_path / "checkpoint-3"))
+                   lr_scheduler=cosine_schedule(opt, 1), checkpoint_dir=tmp_path, resume=str(tmp_path / "checkpoint-3"))
     _assert_same(accelerator.unwrap_model(model).state_dict(), before)
 
 
@@ -396,7 +383,8 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt = accelerator.prepare(model, opt)
     with pytest.raises(FloatingPointError, match="epoch 0, step 0"):
-        train_loop(accelerator, trainable=model, optimizer=opt, loader=[0], epochs=1, lr_at_epoch=lambda e: 0.1,
+        train_loop(accelerator, trainable=model, optimizer=opt, loader=[0], epochs=1,
+                   lr_scheduler=cosine_schedule(opt, 1),
                    step=lambda b: model(torch.zeros(1, D)).sum() * float("nan"))
 
 

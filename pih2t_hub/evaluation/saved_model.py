@@ -17,13 +17,17 @@ from .metrics import longtail_metrics
 
 
 def _split_from_run(model_dir: Path, split: str) -> tuple[Any, str]:
-    from ..data.splits import load_splits
-    from ..training.config import RunConfig
+    import yaml
+
+    from ..data.splits import SplitSpec, load_splits
 
     config = model_dir.parent / "run_config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no run_config.yaml beside {model_dir}: pass --dataset to say what to evaluate on")
-    data = load_splits(RunConfig.from_yaml(config))
+    record = yaml.safe_load(config.read_text(encoding="utf-8"))
+    if not isinstance(record, dict):
+        raise ValueError(f"{config}: a recorded run config must be a YAML mapping")
+    data = load_splits(SplitSpec.from_record(record, where=str(config)))
     return data[split], data["label_column"]
 
 

@@ -144,11 +144,11 @@ def make_context(cfg: RunConfig, accelerator: Any, data: dict[str, Any], method:
 def _build_model(cfg: RunConfig, data: dict[str, Any], method_cls: Any) -> nn.Module:
     counts = data["class_counts"]
     if cfg.init_from:
-        return _load_initial_model(cfg.init_from, data["num_classes"], counts, method_cls.name, cfg.fusion_ratio)
+        return _load_initial_model(cfg.init_from, data["num_classes"], counts, method_cls.name)
     finetune = cfg.stage1_mode == "finetune" and cfg.stage in ("1", "both")
     return create_model(cfg.backbone, num_labels=data["num_classes"], pretrained=cfg.pretrained,
                         id2label=data["id2label"], class_counts=counts.tolist(), head_type=cfg.head_type,
-                        method=method_cls.name, fusion_ratio=cfg.fusion_ratio, pif=method_cls.stage1_pif and finetune)
+                        method=method_cls.name, pif=method_cls.stage1_pif and finetune)
 
 
 def _evaluate_saved_model(ctx: RunContext) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def _evaluate_saved_model(ctx: RunContext) -> dict[str, Any]:
     return ctx.eval_model("test")
 
 
-def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method: str, ratio: float) -> nn.Module:
+def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method: str) -> nn.Module:
     """A saved PI-H2T model (e.g. the ``model/`` folder of a stage-1 run) to continue from."""
     from ..models.pih2t import PIH2TForImageClassification
 
@@ -167,7 +167,7 @@ def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method:
     if model.config.num_labels != num_classes:
         raise ValueError(f"--init-from {path} has {model.config.num_labels} classes but the dataset has {num_classes}")
     model.config.class_counts = counts.tolist()
-    model.config.method, model.config.fusion_ratio = method, float(ratio)
+    model.config.method = method  # the method's parameters (a fusion ratio) are recorded by its export
     return model
 
 
