@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_write_text
-from .methods import default_trial_params, fusion_methods, get_method, list_methods
+from .methods import fusion_methods, get_method, list_methods
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
 
@@ -204,10 +204,11 @@ class _Probe:
 
 
 def _default_trial(cand: Candidate, base: RunConfig) -> dict[str, Any]:
-    """The published recipe as trial parameters (enqueued first)."""
+    """The published recipe and the method's published values of what it searches, as trial parameters (enqueued
+    first)."""
     cfg = get_method(cand.method).resolve(_merge(dataclasses.replace(base, method=cand.method), cand.fixed))
     recipe = {f"stage2_{k}": getattr(cfg, f"stage2_{k}") for k in ("lr", "weight_decay", "epochs")}
-    return {**default_trial_params(), **recipe}
+    return {**get_method(cand.method).default_trial(), **recipe}
 
 
 def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: Any = None) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from .base import (
     MethodConfig,
     Recipe,
     Stage2Context,
-    default_trial_params,
     fusion_methods,
     get_method,
     list_methods,
@@ -36,5 +35,5 @@ from .base import (
 from .dlsa import method as _dlsa_method  # noqa: F401
 from .params import NoParams
 
-__all__ = ["Method", "MethodConfig", "NoParams", "Recipe", "Stage2Context", "default_trial_params", "fusion_methods",
+__all__ = ["Method", "MethodConfig", "NoParams", "Recipe", "Stage2Context", "fusion_methods",
            "get_method", "list_methods", "register_method"]

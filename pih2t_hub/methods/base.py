@@ -13,7 +13,7 @@ a method these questions, never its name:
 * **export**: what goes into the saved model, so that the saved folder reproduces the reported numbers;
 * its **parameters**: a small dataclass (``Params``) read from ``--method-kwargs``, with its published defaults;
 * its **search space** for the fair comparison (Optuna trial → config overrides) and the published values of
-  what it searches (:meth:`Method.default_trial`, the comparison's first trial).
+  what it searches (:meth:`Method.default_trial`, the comparison's first trial for the method).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..data.samplers import ClassBalancedSampler, DualBranchSampler, InstanceSam
 from ..losses import DeferredReweighting, build_loss
 from ..schedules import cosine_schedule, warmup_multistep_schedule
 from .params import NoParams, params_dict, params_from
-from .registry import _METHODS, default_trial_params, fusion_methods, get_method, list_methods, register_method  # noqa: F401
+from .registry import _METHODS, fusion_methods, get_method, list_methods, register_method  # noqa: F401
 
 Fuse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -258,4 +258,4 @@ class _NameProbe:
 
 
 __all__ = ["Method", "MethodConfig", "Recipe", "Stage2Context", "register_method", "get_method", "list_methods", "Fuse",
-           "default_trial_params", "fusion_methods"]
+           "fusion_methods"]

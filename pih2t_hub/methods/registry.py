@@ -16,14 +16,13 @@ This module imports no torch and no method: the registry sits under the interfac
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from .._names import method_entry_points
 from .._names import method_key as _key
 from .._names import unknown_method_message
 
-__all__ = ["register_method", "get_method", "list_methods", "fusion_methods", "default_trial_params",
-           "load_entry_points"]
+__all__ = ["register_method", "get_method", "list_methods", "fusion_methods", "load_entry_points"]
 
 _METHODS: dict[str, type] = {}
 _BROKEN: dict[str, str] = {}  # plug-in names whose import failed, with the one-line reason
@@ -91,16 +90,3 @@ def fusion_methods() -> list[str]:
     """Fusion methods that train any loss ("X + H2T"), sorted: what the comparison pairs with the best loss."""
     classes = [get_method(name) for name in list_methods()]
     return [cls.name for cls in classes if cls.fusion_site is not None and not cls.loss_is_fixed]
-
-
-def default_trial_params() -> dict[str, Any]:
-    """Every registered method's published values of what it searches (``Method.default_trial``), in one
-    mapping: the comparison's first trial. A name two methods search must have one published value."""
-    merged: dict[str, Any] = {}
-    for name in list_methods():
-        for key, value in get_method(name).default_trial().items():
-            if key in merged and merged[key] != value:
-                raise TypeError(f"searched parameter {key!r} has two published values ({merged[key]!r} and "
-                                f"{value!r}, the latter from {name}); give it one or rename it")
-            merged[key] = value
-    return merged
