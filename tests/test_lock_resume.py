@@ -11,12 +11,19 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pih2t_hub.training.checkpoint import list_checkpoints, save_checkpoint
 from pih2t_hub.training.config import RunConfig
 from pih2t_hub.training.lock import LOCK_NAME, OutputLockedError, StaleLockError, output_lock, read_lock
-from pih2t_hub.training.resume import RESULT_NEUTRAL, ResumeError, config_differences, prepare_checkpoints
+from pih2t_hub.training.resume import (
+    RESULT_NEUTRAL,
+    ResumeError,
+    clear_earlier_run,
+    config_differences,
+    prepare_checkpoints,
+)
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -95,7 +102,7 @@ def _cfg(out: Path, **kw) -> RunConfig:
 
 
 def test_resume_refuses_another_config_and_lists_the_keys(tmp_path: Path) -> None:
-    prepare_checkpoints(_cfg(tmp_path, method="h2t", backbone="test_resnet"))
+    clear_earlier_run(_cfg(tmp_path, method="h2t", backbone="test_resnet"))
     _checkpoint(tmp_path, "stage2", 5)
     # the issue's cases: another method, --pretrained false, another backbone
     with pytest.raises(ResumeError) as err:
@@ -131,15 +138,57 @@ def test_resume_without_a_valid_checkpoint_says_so_or_refuses(tmp_path: Path) ->
         prepare_checkpoints(_cfg(tmp_path, resume=True, resume_strict=True))
 
 
-def test_a_fresh_run_removes_an_earlier_runs_checkpoints(tmp_path: Path) -> None:
-    """Otherwise a later --resume could pick the earlier run's newer step."""
-    prepare_checkpoints(_cfg(tmp_path, seed=1))
+def test_a_fresh_run_removes_an_earlier_runs_checkpoints_only_right_before_training(tmp_path: Path) -> None:
+    """Otherwise a later --resume could pick the earlier run's newer step; but the check alone removes nothing."""
+    clear_earlier_run(_cfg(tmp_path, seed=1))
     _checkpoint(tmp_path, "stage1", 100)
     reports: list[str] = []
-    prepare_checkpoints(_cfg(tmp_path, seed=2), reports.append)
+    assert prepare_checkpoints(_cfg(tmp_path, seed=2), reports.append) is False
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints" / "stage1")] == ["checkpoint-100"]
+    assert json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())["seed"] == 1
+    assert reports == []
+    assert clear_earlier_run(_cfg(tmp_path, seed=2), report=reports.append) is True
     assert list_checkpoints(tmp_path / "checkpoints" / "stage1") == []
     assert reports == [f"removing 1 checkpoint(s) of an earlier run in {tmp_path / 'checkpoints'} (no --resume)"]
     assert json.loads((tmp_path / "checkpoints" / "run_config.json").read_text())["seed"] == 2
+
+
+def test_a_resumed_run_keeps_its_checkpoints(tmp_path: Path) -> None:
+    clear_earlier_run(_cfg(tmp_path, seed=1))
+    _checkpoint(tmp_path, "stage1", 4)
+    assert prepare_checkpoints(_cfg(tmp_path, seed=1, resume=True)) is True
+    assert clear_earlier_run(_cfg(tmp_path, seed=1, resume=True)) is False
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints" / "stage1")] == ["checkpoint-4"]
+
+
+def test_a_rerun_refused_on_its_data_keeps_the_earlier_runs_checkpoints(tmp_path: Path, capsys) -> None:
+    """A rerun without --resume whose label column does not exist fails on reading the data: the earlier run's
+    checkpoints and recorded config are untouched, so ``--resume`` with the earlier settings still continues it."""
+    from PIL import Image
+
+    from _scripts import load_script
+
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    out = tmp_path / "out"
+    earlier = _cfg(out, backbone="test_resnet", pretrained=False, dataset=str(tmp_path / "images"))
+    clear_earlier_run(earlier)
+    for step in (2, 4):
+        _checkpoint(out, "stage1", step)
+    record = (out / "checkpoints" / "run_config.json").read_text()
+    finetune = load_script("recipes/finetune.py", "finetune_rerun")
+    argv = ["--backbone", "test_resnet", "--pretrained", "false", "--dataset", str(tmp_path / "images"),
+            "--image-size", "32", "--output-dir", str(out)]
+    capsys.readouterr()
+    assert finetune.main(argv + ["--label-column", "nope"]) == 2
+    captured = capsys.readouterr()
+    assert "label column 'nope'" in captured.err and "removing" not in captured.out + captured.err
+    assert [p.name for p in list_checkpoints(out / "checkpoints" / "stage1")] == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoints" / "run_config.json").read_text() == record
+    assert prepare_checkpoints(_cfg(out, backbone="test_resnet", pretrained=False, dataset=str(tmp_path / "images"),
+                                    resume=True)) is True
 
 
 def test_checkpoints_without_a_recorded_config_are_not_resumed(tmp_path: Path) -> None:
