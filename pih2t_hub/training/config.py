@@ -91,7 +91,7 @@ class RunConfig:
     shift_bn: bool = _f(True, "stages", "stage 2 online: re-estimate the frozen backbone's BN statistics")
     batch_size: int = _f(128, "stages", "stage-1 and feature-extraction batch size per process")
     weight_decay: float = _f(5e-4, "stages", "stage-1 weight decay (>= 0)")
-    momentum: float = _f(0.9, "stages", "SGD momentum (>= 0)")
+    momentum: float = _f(0.9, "stages", "SGD momentum, in [0, 1)")
     # stage 2: None takes the method's published recipe (pih2t_hub.methods); the resolved values are recorded
     stage2_epochs: int | None = _f(None, "stages", "stage-2 epochs (>= 1); none: the method's recipe")
     stage2_lr: float | None = _f(None, "stages", "stage-2 learning rate (> 0); none: the method's recipe")
@@ -230,6 +230,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and "lr" in name)):
             raise ConfigError(f"{name} must be finite and {'> 0' if 'lr' in name else '>= 0'}, got {value}")
+    if not 0.0 <= cfg.momentum < 1.0:  # 1 or more: the velocity never decays, and the weights run away
+        raise ConfigError(f"momentum must lie in [0, 1), got {cfg.momentum}")
     if not cfg.dataset.strip():
         raise ConfigError("dataset must not be empty")
 
