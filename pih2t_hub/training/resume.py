@@ -41,7 +41,9 @@ RESULT_NEUTRAL = frozenset({
     "num_workers", "cache_dir", "export", "push_to_hub", "hub_model_id", "hub_format",
 })
 _STAGES = ("stage1", "stage2")
-_ACTIVE: set[str] = set()  # output dirs guarded in this process (the CLI guards, then run() is called inside)
+#: Output dirs guarded in this process (the CLI guards, then run() is called inside), with the config the guard
+#: checked: the one :func:`clear_earlier_run` records, so that a later ``--resume`` is compared like-for-like.
+_ACTIVE: dict[str, RunConfig] = {}
 
 
 class ResumeError(ValueError):
@@ -113,7 +115,9 @@ def clear_earlier_run(cfg: RunConfig, accelerator: Any | None = None, report: Ca
     """Right before training: unless the run resumes, remove an earlier run's checkpoints and record this config.
 
     Called once the run has passed every check, so a rerun that fails on its data or model never costs the earlier
-    run its checkpoints. The main process acts, the others wait for it. Returns True when the run starts fresh.
+    run its checkpoints. The config recorded is the one :func:`run_guard` checked (in a CLI run, the command line's
+    before the method's recipe fills it), which a later ``--resume`` is compared with. The main process acts, the
+    others wait for it. Returns True when the run starts fresh.
     """
     root = Path(cfg.output_dir) / "checkpoints"
     fresh = not (cfg.resume and _valid_checkpoints(root))  # a resume was checked by prepare_checkpoints
@@ -125,7 +129,8 @@ def clear_earlier_run(cfg: RunConfig, accelerator: Any | None = None, report: Ca
             if (root / stage).exists():
                 shutil.rmtree(root / stage)
         root.mkdir(parents=True, exist_ok=True)
-        write_atomic_json(root / RUN_RECORD, cfg.to_dict())
+        checked = _ACTIVE.get(str(Path(cfg.output_dir).resolve()), cfg)
+        write_atomic_json(root / RUN_RECORD, checked.to_dict())
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return fresh
@@ -147,9 +152,9 @@ def run_guard(cfg: RunConfig, report: Callable[[str], None] = print) -> Iterator
         yield
         return
     with output_lock(cfg.output_dir, force=cfg.force_unlock, report=report):
-        _ACTIVE.add(key)
+        _ACTIVE[key] = cfg
         try:
             prepare_checkpoints(cfg, report)
             yield
         finally:
-            _ACTIVE.discard(key)
+            _ACTIVE.pop(key, None)
