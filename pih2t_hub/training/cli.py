@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from transformers import HfArgumentParser
 
 from .config import GROUPS, ConfigError, RunConfig
+from .interrupt import Terminated, terminate_like_ctrl_c
 
 __all__ = ["UsageError", "build_parser", "check_combinations", "resolve_config", "main", "USER_ERRORS"]
 
@@ -200,7 +201,8 @@ USER_ERRORS = _user_errors()
 
 def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
          description: str | None = None) -> int:
-    """Parse, check, lock, run. Returns the exit code: 0, 2 (a configuration or data error), 130 (Ctrl-C), 1."""
+    """Parse, check, lock, run. Returns the exit code: 0, 2 (a configuration or data error), 130 (Ctrl-C),
+    143 (SIGTERM), 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         build_parser(description).print_help()
@@ -211,13 +213,15 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
         from .resume import run_guard
 
         cfg = preflight(resolve_config(argv, config_dir))
-        with run_guard(cfg):
+        with terminate_like_ctrl_c(), run_guard(cfg):
             from .run import run  # the heavy imports (datasets, accelerate) only once the config is known good
 
             run(cfg)
-    except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the newest checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): exit codes 130 and 143, as a shell reports
+        terminated = isinstance(err, Terminated)
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: rerun with --resume to continue from the "
+              "newest checkpoint", file=sys.stderr)
+        return 143 if terminated else 130
     except USER_ERRORS as err:
         if debug:
             raise
