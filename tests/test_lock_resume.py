@@ -66,7 +66,8 @@ def test_a_dead_holders_lock_is_stale_and_taken_over_only_with_force(tmp_path: P
     holder.wait()
     out = tmp_path / "out"
     assert (out / LOCK_NAME).exists()
-    with pytest.raises(StaleLockError, match=f"pid {holder.pid} .* is no longer running.*--force-unlock"):
+    with pytest.raises(StaleLockError, match=f"pid {holder.pid} .* is no longer running.*rerun with --resume to "
+                                             "continue it, or with --force-unlock"):
         with output_lock(out):
             pass
     assert read_lock(out / LOCK_NAME)["pid"] == holder.pid  # a refusal leaves the record as it was
@@ -75,6 +76,69 @@ def test_a_dead_holders_lock_is_stale_and_taken_over_only_with_force(tmp_path: P
         assert read_lock(out / LOCK_NAME)["pid"] == os.getpid()
     assert len(reports) == 1 and "taken over" in reports[0] and str(holder.pid) in reports[0]
     assert not (out / LOCK_NAME).exists()
+
+
+def _proc_start(pid: int) -> str:
+    """Field 22 of ``/proc/<pid>/stat`` (proc(5)): the process's start time in clock ticks after boot."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[22 - 3]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_the_lock_records_what_proves_its_holder_gone(tmp_path: Path, holder) -> None:
+    info = read_lock(tmp_path / "out" / LOCK_NAME)
+    assert info["proc_start"] == _proc_start(holder.pid)
+    assert info["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def test_resume_takes_over_a_lock_whose_holder_was_killed(tmp_path: Path, holder) -> None:
+    """After a SIGKILL, ``--resume`` alone continues (the README's advice), saying in one line whose lock it took."""
+    holder.kill()
+    holder.wait()
+    out = tmp_path / "out"
+    reports: list[str] = []
+    with output_lock(out, take_over_dead=True, report=reports.append):
+        assert read_lock(out / LOCK_NAME)["pid"] == os.getpid()
+    assert len(reports) == 1 and str(holder.pid) in reports[0] and "is no longer running" in reports[0]
+    assert "taken over (--resume" in reports[0]
+
+
+def _dead_looking_lock(out: Path, **changes) -> dict:
+    """A lock file no process holds (the flock is free), recording this process unless ``changes`` say otherwise."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+0000",
+            "command": "finetune.py", "boot_id": _boot_id(), "proc_start": _proc_start(os.getpid()),
+            **changes}
+    (out / LOCK_NAME).write_text(json.dumps(info))
+    return info
+
+
+def _boot_id() -> str | None:
+    path = Path("/proc/sys/kernel/random/boot_id")
+    return path.read_text().strip() if path.exists() else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_resume_takes_over_a_reused_pid_but_not_an_unprovable_holder(tmp_path: Path) -> None:
+    """The recorded pid runs again, but as another process (another start time): the holder is gone. Still
+    refused with --resume: a holder on another host, one from another boot, and a pid that runs with the
+    recorded start time (this very process, not holding the lock): none proves the holder gone."""
+    reused = tmp_path / "reused"
+    _dead_looking_lock(reused, proc_start=str(int(_proc_start(os.getpid())) + 1))
+    reports: list[str] = []
+    with output_lock(reused, take_over_dead=True, report=reports.append):
+        pass
+    assert len(reports) == 1 and "its pid now belongs to another process" in reports[0] and "taken over" in reports[0]
+    for name, changes, why in [("other_host", {"host": "elsewhere.example"}, "ran on another machine"),
+                               ("other_boot", {"boot_id": "another-boot"}, "before this machine's last boot"),
+                               ("alive", {}, "its pid is in use")]:
+        out = tmp_path / name
+        before = _dead_looking_lock(out, **changes)
+        with pytest.raises(StaleLockError, match=f"{why}.*rerun with --force-unlock to take the lock over"):
+            with output_lock(out, take_over_dead=True):
+                pass
+        assert read_lock(out / LOCK_NAME) == before  # refused: the record stays as it was
+        with output_lock(out, force=True, report=lambda _m: None):  # --force-unlock still can
+            pass
 
 
 def test_lock_is_reentrant_and_released_on_exceptions(tmp_path: Path) -> None:

@@ -514,16 +514,19 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path
     saved = verify_checkpoint(stage2 / "checkpoint-10")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 3)  # mid-epoch
 
-    # the killed run could not release its lock: a rerun names it as stale and refuses without --force-unlock
-    resume = [sys.executable, "recipes/finetune.py", *argv, "--output-dir", str(out), "--resume", "true"]
-    refused = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # the killed run could not release its lock: a fresh rerun (which would remove the checkpoints) is refused in
+    # one line naming it as stale; `--resume` alone, as the README says, takes over the dead holder's lock
+    rerun = [sys.executable, "recipes/finetune.py", *argv, "--output-dir", str(out)]
+    refused = subprocess.run(rerun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
     assert refused.stderr.startswith(f"error: stale lock in {out}: pid {proc.pid} ") and "--force-unlock" in refused.stderr
-    assert "is no longer running" in refused.stderr
-    done = subprocess.run(resume + ["--force-unlock"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "is no longer running" in refused.stderr and "rerun with --resume to continue it" in refused.stderr
+    assert [p.name for p in list_checkpoints(stage2)] == ["checkpoint-8", "checkpoint-10"]
+    done = subprocess.run(rerun + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "taken over (--force-unlock)" in done.stdout
+    taken = [line for line in done.stdout.splitlines() if "taken over" in line]
+    assert len(taken) == 1 and f"pid {proc.pid} " in taken[0] and "taken over (--resume" in taken[0]
     assert f"resumed from {stage2 / 'checkpoint-10'} (epoch 1, step 3)" in done.stdout
     _same_weights(ref_out / "model" / "model.safetensors", out / "model" / "model.safetensors")
     ref, got = (json.loads((d / "results.json").read_text()) for d in (ref_out, out))

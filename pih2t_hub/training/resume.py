@@ -151,7 +151,7 @@ def run_guard(cfg: RunConfig, report: Callable[[str], None] = print) -> Iterator
     if key in _ACTIVE or not _is_main_process():
         yield
         return
-    with output_lock(cfg.output_dir, force=cfg.force_unlock, report=report):
+    with output_lock(cfg.output_dir, force=cfg.force_unlock, report=report, take_over_dead=cfg.resume):
         _ACTIVE[key] = cfg
         try:
             prepare_checkpoints(cfg, report)
