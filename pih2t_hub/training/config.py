@@ -87,7 +87,8 @@ class RunConfig:
                           "every step, shift-BN)", ("cached", "online"))
     stage1_epochs: int = _f(10, "stages", "stage-1 epochs (>= 1)")
     stage1_lr: float = _f(0.1, "stages", "stage-1 learning rate (> 0, cosine per epoch)")
-    mixup_alpha: float = _f(0.0, "stages", "stage-1 mixup Beta(a, a) parameter; 0: no mixup")
+    mixup_alpha: float = _f(0.0, "stages", "stage-1 mixup Beta(a, a) parameter, with --stage1-mode finetune; "
+                             "0: no mixup")
     shift_bn: bool = _f(True, "stages", "stage 2 online: re-estimate the frozen backbone's BN statistics")
     batch_size: int = _f(128, "stages", "stage-1 and feature-extraction batch size per process")
     weight_decay: float = _f(5e-4, "stages", "stage-1 weight decay (>= 0)")
@@ -113,7 +114,8 @@ class RunConfig:
                                "runs: its manifest decides reuse)")
     checkpoint_every: int = _f(0, "output", "also checkpoint every N optimiser steps (0: at epoch ends only)")
     keep_last: int = _f(2, "output", "checkpoints kept per stage (0: all)")
-    resume: bool = _f(False, "output", "continue from the newest valid checkpoint (the config must match)")
+    resume: bool = _f(False, "output", "continue from the newest valid checkpoint (the config must match); takes "
+                       "over the lock of a run provably dead on this host")
     resume_strict: bool = _f(False, "output", "with --resume: refuse to start when there is no valid checkpoint")
     force_unlock: bool = _f(False, "output", "take over the lock left by a run that died (reported first)")
     export: str = _f("pih2t", "output", "saved model format: transformers with remote code, or a plain timm "
