@@ -55,3 +55,25 @@ def test_readme_results_tables_are_generated_from_the_committed_json():
     """The accuracy tables are rendered from benchmarks/results/compare_*.json, never typed in."""
     module = load_script("benchmarks/render_results.py")
     assert module.main(["--check"]) == 0, "run `python benchmarks/render_results.py` after a benchmark"
+
+
+def test_readme_create_model_calls_say_whether_the_weights_are_pretrained():
+    """``create_model`` follows timm (``pretrained=False`` by default) while the CLI defaults to pretrained weights:
+    every README call on a backbone that has pretrained weights says which it gives, in code or in its comment."""
+    import ast
+    import inspect
+
+    from pih2t_hub import create_model
+
+    assert inspect.signature(create_model).parameters["pretrained"].default is False
+    assert "pretrained=True" in create_model.__doc__ and "timm" in create_model.__doc__
+    calls = [line for block in re.findall(r"```python\n(.*?)```", README, re.S) for line in block.splitlines()
+             if re.search(r"(?<![.\w])create_model\(", line)]
+    assert calls, "the README shows no create_model call"
+    for line in calls:
+        call = ast.parse(line.split("#")[0].strip()).body[0].value
+        backbone = ast.literal_eval(call.args[0])
+        if backbone.startswith("test_"):
+            continue  # random-init test models: no pretrained weights exist
+        given = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg == "pretrained"}
+        assert given.get("pretrained") is True or "random" in line.split("#", 1)[-1], line

@@ -94,11 +94,12 @@ class RunConfig:
                           "every step, shift-BN)", ("cached", "online"))
     stage1_epochs: int = _f(10, "stages", "stage-1 epochs (>= 1)")
     stage1_lr: float = _f(0.1, "stages", "stage-1 learning rate (> 0, cosine per epoch)")
-    mixup_alpha: float = _f(0.0, "stages", "stage-1 mixup Beta(a, a) parameter; 0: no mixup")
+    mixup_alpha: float = _f(0.0, "stages", "stage-1 mixup Beta(a, a) parameter, with --stage1-mode finetune; "
+                             "0: no mixup")
     shift_bn: bool = _f(True, "stages", "stage 2 online: re-estimate the frozen backbone's BN statistics")
     batch_size: int = _f(128, "stages", "stage-1 and feature-extraction batch size per process")
     weight_decay: float = _f(5e-4, "stages", "stage-1 weight decay (>= 0)")
-    momentum: float = _f(0.9, "stages", "SGD momentum (>= 0)")
+    momentum: float = _f(0.9, "stages", "SGD momentum, in [0, 1)")
     # stage 2: None takes the method's published recipe (pih2t_hub.methods); the resolved values are recorded
     stage2_epochs: int | None = _f(None, "stages", "stage-2 epochs (>= 1); none: the method's recipe")
     stage2_lr: float | None = _f(None, "stages", "stage-2 learning rate (> 0); none: the method's recipe")
@@ -120,7 +121,8 @@ class RunConfig:
                                "runs: its manifest decides reuse)")
     checkpoint_every: int = _f(0, "output", "also checkpoint every N optimiser steps (0: at epoch ends only)")
     keep_last: int = _f(2, "output", "checkpoints kept per stage (0: all)")
-    resume: bool = _f(False, "output", "continue from the newest valid checkpoint (the config must match)")
+    resume: bool = _f(False, "output", "continue from the newest valid checkpoint (the config must match); takes "
+                       "over the lock of a run provably dead on this host")
     resume_strict: bool = _f(False, "output", "with --resume: refuse to start when there is no valid checkpoint")
     force_unlock: bool = _f(False, "output", "take over the lock left by a run that died (reported first)")
     export: str = _f("pih2t", "output", "saved model format: transformers with remote code, or a plain timm "
@@ -251,6 +253,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and "lr" in name)):
             raise ConfigError(f"{name} must be finite and {'> 0' if 'lr' in name else '>= 0'}, got {value}")
+    if not 0.0 <= cfg.momentum < 1.0:  # 1 or more: the velocity never decays, and the weights run away
+        raise ConfigError(f"momentum must lie in [0, 1), got {cfg.momentum}")
     if not cfg.dataset.strip():
         raise ConfigError("dataset must not be empty")
 

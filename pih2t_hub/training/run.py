@@ -24,6 +24,7 @@ from .export import write_outputs
 from .loop import LoopCallback, LoopState
 from .predict import format_table, summarize
 from .record import resolve_mixed_precision, used_image_size
+from .resume import clear_earlier_run
 from .stage1 import finetune_stage1, linear_stage1
 from .stage2 import method_context, run_stage2
 
@@ -46,6 +47,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, callbacks: Iterable[Loop
 def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback]) -> dict[str, Any]:
     ctx = _setup(cfg, accelerator, callbacks)
     cfg = ctx.cfg
+    clear_earlier_run(cfg, ctx.accelerator)  # every check passed: only now may an earlier run's checkpoints go
     results: dict[str, Any] = {"method": ctx.method.name, "num_processes": ctx.accelerator.num_processes,
                                "global_batch": cfg.batch_size * ctx.accelerator.num_processes * cfg.grad_accum,
                                "class_counts": ctx.counts.tolist(), "image_size": used_image_size(ctx.data_config),
