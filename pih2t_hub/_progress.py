@@ -6,9 +6,10 @@ hundreds of carriage returns on one line, which no one can read. :func:`progress
 counters, nothing drawn while it runs, and one plain line (count, elapsed time, rate, postfix) when it closes,
 so a log shows one line per epoch or per phase.
 
-transformers draws its own per-tensor "Loading weights" bar in every ``from_pretrained``; inside the package's
-own loads (a reload check, a saved model to evaluate) that bar says nothing, and :func:`quiet_weight_loading`
-hides it (download bars of ``huggingface_hub`` keep their own setting).
+transformers draws its own bars in ``from_pretrained`` (one step per tensor, "Loading weights") and
+``save_pretrained`` ("Writing model shards"); inside the package's own loads and saves (a reload check, a run's
+model folder, a saved model to evaluate) they say nothing, and :func:`quiet_transformers_bars` hides them
+(download bars of ``huggingface_hub`` keep their own setting).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Iterator, TextIO
 
 from tqdm import tqdm as _std_tqdm
 
-__all__ = ["LineProgress", "is_terminal", "progress_bar", "quiet_weight_loading"]
+__all__ = ["LineProgress", "is_terminal", "progress_bar", "quiet_transformers_bars"]
 
 
 class _Sink:
@@ -71,8 +72,8 @@ def progress_bar(*args: Any, file: TextIO | None = None, **kwargs: Any) -> _std_
 
 
 @contextlib.contextmanager
-def quiet_weight_loading() -> Iterator[None]:
-    """Hide transformers' per-tensor "Loading weights" bar for the ``from_pretrained`` calls inside."""
+def quiet_transformers_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing model shards" bars for the calls inside."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 

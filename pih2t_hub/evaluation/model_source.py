@@ -121,7 +121,7 @@ def load_for_evaluation(model: str | Path, trust_remote_code: bool = False) -> A
     """The model in eval mode, from a checked local folder or a Hub id; safetensors weights only."""
     from transformers import AutoModelForImageClassification
 
-    from .._progress import quiet_weight_loading
+    from .._progress import quiet_transformers_bars
 
     name = str(model)
     local, from_hub = Path(name).expanduser(), False
@@ -133,7 +133,7 @@ def load_for_evaluation(model: str | Path, trust_remote_code: bool = False) -> A
     else:
         raise FileNotFoundError(f"model folder {name} does not exist")
     try:
-        with quiet_weight_loading():
+        with quiet_transformers_bars():
             net = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                                   use_safetensors=True)
     except OSError as err:
