@@ -17,7 +17,7 @@ a method these questions, never its name:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,10 @@ from .._names import method_key as _key
 from .._names import unknown_method_message
 from ..data.samplers import ClassBalancedSampler, DualBranchSampler, InstanceSampler, ProgressiveSampler, SquareRootSampler
 from ..losses import build_loss
+
+#: Where a stage-2 fusion acts: ``"map"`` the un-pooled features (H2T), ``"pooled"`` the pooled vectors (H2TF).
+#: A closed set: the step that consumes it refuses any other value rather than falling back silently.
+FusionSite = Literal["map", "pooled"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..training.config import RunConfig
@@ -81,7 +85,7 @@ class Method:
     sampler: ClassVar[str] = "instance"
     loss: ClassVar[str] = "ce"
     loss_kwargs: ClassVar[dict[str, Any]] = {}
-    fusion_site: ClassVar[str | None] = None  # "map": un-pooled features (H2T), "pooled": pooled vectors (H2TF)
+    fusion_site: ClassVar[FusionSite | None] = None  # "map": un-pooled features (H2T), "pooled": pooled vectors (H2TF)
     stage1_pif: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False  # needs the cached train/val features even on the online path
     loss_is_fixed: ClassVar[bool] = False  # the loss is the method (``--loss`` would change what it is)
