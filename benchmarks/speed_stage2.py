@@ -143,6 +143,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     from pih2t_hub.data.features import load_or_extract
     from pih2t_hub.data.samplers import DualBranchDataset, DualBranchSampler
     from pih2t_hub.losses import build_loss
+    from pih2t_hub.methods import get_method
     from pih2t_hub.training.config import RunConfig
     from pih2t_hub.training.steps import cached_fused_features, online_fused_features
 
@@ -156,6 +157,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     labels = long_tailed_labels(args.images, args.classes, 100.0, seed=0)
     cfg = RunConfig(fusion_ratio=0.25)
     fuse = plugin_fusion("h2t", cfg, torch.Generator().manual_seed(1))
+    site = get_method("h2t").fusion_site  # "map": the un-pooled maps, as the online H2T stage 2 fuses them
     loss_fn = build_loss("ce")
     batch = args.batch
 
@@ -166,7 +168,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     def online_step(head):
         def step(b):
             (xf, yf), (xg, _) = b["fused"], b["fusing"]
-            return loss_fn(head(online_fused_features(backbone, xf, xg, yf, fuse, "h2t", shift_bn=True)), yf)
+            return loss_fn(head(online_fused_features(backbone, xf, xg, yf, fuse, site, shift_bn=True)), yf)
         return step
 
     print(f"(a) online: {args.online_epochs} epoch(s) of {args.images} images at {size} px, batch {batch} ...",
@@ -203,8 +205,6 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     online_epoch = online_s / args.online_epochs
     cached_epoch = cached_s / args.cached_epochs
-    from pih2t_hub.methods import get_method
-
     stage2_epochs = get_method("h2t").recipe.epochs  # H2T's published stage-2 length
     return {
         "backbone": "effnet_lite0 (timm tf_efficientnet_lite0, "

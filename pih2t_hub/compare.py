@@ -377,9 +377,11 @@ def _write_outputs(report: dict[str, Any], best: tuple[str, Any, dict], bench: B
 
 def _export_best(bench: Bench, label: str, model: Any, row: dict[str, Any], model_dir: Path) -> None:
     """The best-on-validation method's seed-0 model, saved with a card whose numbers are that model's test run."""
+    from ._progress import quiet_transformers_bars
     from .hub.model_card import render_model_card, write_model_card
 
-    model.save_pretrained(model_dir)
+    with quiet_transformers_bars():
+        model.save_pretrained(model_dir)
     seed0 = row["tuned"]["per_seed"][0]
     card_cfg = {**bench.base.to_dict(), "method": row["method"], "global_batch_size": bench.base.batch_size,
                 "hyperparameters": {"selected_on": "validation", "label": label, **row["params"], **row["fixed"]},
@@ -396,7 +398,7 @@ def _export_best(bench: Bench, label: str, model: Any, row: dict[str, Any], mode
 
 def compare(base: RunConfig, cc: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole comparison; returns the report (also written to ``<output_dir>/comparison.json``)."""
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar as tqdm  # live on a terminal, one line in a log
 
     start = time.perf_counter()
     base = base.validate()

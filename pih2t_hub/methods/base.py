@@ -19,7 +19,7 @@ a method these questions, never its name:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from ..losses import DeferredReweighting, build_loss
 from ..schedules import cosine_schedule, warmup_multistep_schedule
 from .params import NoParams, params_dict, params_from
 from .registry import _METHODS, fusion_methods, get_method, list_methods, register_method  # noqa: F401
+
+#: Where a stage-2 fusion acts: ``"map"`` the un-pooled features (H2T), ``"pooled"`` the pooled vectors (H2TF).
+#: A closed set: the step that consumes it refuses any other value rather than falling back silently.
+FusionSite = Literal["map", "pooled"]
 
 Fuse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -100,7 +104,7 @@ class Method:
     sampler: ClassVar[str] = "instance"
     loss: ClassVar[str] = "ce"
     loss_kwargs: ClassVar[dict[str, Any]] = {}
-    fusion_site: ClassVar[str | None] = None  # "map": un-pooled features (H2T), "pooled": pooled vectors (H2TF)
+    fusion_site: ClassVar[FusionSite | None] = None  # "map": un-pooled features (H2T), "pooled": pooled vectors (H2TF)
     stage1_pif: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False  # needs the cached train/val features even on the online path
     loss_is_fixed: ClassVar[bool] = False  # the loss is the method (``--loss`` would change what it is)

@@ -30,10 +30,13 @@ def _hf_backbone_spec(name_or_config: Any, pretrained: bool) -> tuple[dict[str, 
     hf_config = AutoConfig.from_pretrained(name_or_config)
     encoder = None
     if pretrained:
-        try:
-            encoder = AutoModel.from_pretrained(name_or_config, add_pooling_layer=False)
-        except TypeError:
-            encoder = AutoModel.from_pretrained(name_or_config)
+        from .._progress import quiet_transformers_bars
+
+        with quiet_transformers_bars():
+            try:
+                encoder = AutoModel.from_pretrained(name_or_config, add_pooling_layer=False)
+            except TypeError:
+                encoder = AutoModel.from_pretrained(name_or_config)
     data_config = None
     try:
         proc = AutoImageProcessor.from_pretrained(name_or_config)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from .._progress import progress_bar as tqdm  # live on a terminal, one line per epoch in a log
 
 from .checkpoint import begin_checkpoint, latest_valid_checkpoint, seal_checkpoint, verify_checkpoint
 from .interrupt import DeferredInterrupt

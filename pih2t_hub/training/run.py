@@ -163,9 +163,11 @@ def _evaluate_saved_model(ctx: RunContext) -> dict[str, Any]:
 
 def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method: str) -> nn.Module:
     """A saved PI-H2T model (e.g. the ``model/`` folder of a stage-1 run) to continue from."""
+    from .._progress import quiet_transformers_bars
     from ..models.pih2t import PIH2TForImageClassification
 
-    model = PIH2TForImageClassification.from_pretrained(path)
+    with quiet_transformers_bars():
+        model = PIH2TForImageClassification.from_pretrained(path)
     if model.config.num_labels != num_classes:
         raise ValueError(f"--init-from {path} has {model.config.num_labels} classes but the dataset has {num_classes}")
     model.config.class_counts = counts.tolist()
