@@ -24,6 +24,7 @@ from .export import write_outputs
 from .loop import LoopCallback, LoopState
 from .predict import format_table, summarize
 from .record import resolve_mixed_precision, used_image_size
+from .lightweight import peft_stage1
 from .stage1 import finetune_stage1, linear_stage1
 from .stage2 import method_context, run_stage2
 
@@ -55,13 +56,13 @@ def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback])
 
     # ---------------- stage 1: representation (end to end) or linear probe (on cached features)
     stage1: LoopState | None = None
-    if ctx.finetune:
-        stage1 = finetune_stage1(ctx)
+    if ctx.finetune or ctx.peft:
+        stage1 = peft_stage1(ctx) if ctx.peft else finetune_stage1(ctx)
         if stage1.stopped:
             return results
     if needs_features(ctx):
         extract_features(ctx)
-    if cfg.stage in ("1", "both") and not ctx.finetune:
+    if cfg.stage in ("1", "both") and not (ctx.finetune or ctx.peft):
         stage1 = linear_stage1(ctx)
         if stage1.stopped:
             return results
