@@ -133,6 +133,10 @@ def check_timm_exportable(model: Any) -> None:
         )
     if getattr(config, "pif", False) or getattr(model.pih2t, "pif", None) is not None:
         raise TimmExportError("timm export refused: a PIF layer sits between backbone and head, plain timm has none")
+    kind = (getattr(config, "tuning", None) or {}).get("kind")
+    if getattr(model.pih2t, "tuning", None) is not None or kind in ("adaptformer", "vpt"):
+        raise TimmExportError(f"timm export refused: {kind or 'tuning'} modules sit inside the backbone's blocks, "
+                              "plain timm has none (merged lora and bitfit export)")
     if str(getattr(config, "method", "")).lower() == "dlsa":
         raise TimmExportError("timm export refused: DLSA classifies with a flow model on the features, not a linear head")
     head = model.classifier

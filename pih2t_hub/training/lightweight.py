@@ -10,8 +10,6 @@ Stage 2 then runs on the adapted backbone's cached features, as after any stage 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,15 +130,4 @@ def peft_stage1(ctx: RunContext) -> LoopState:
     return state
 
 
-def tuning_summary(tuning: dict[str, Any] | None) -> str | None:
-    """One line for tables and the card: kind, sizes, trainable parameters and their share of the backbone."""
-    if not tuning:
-        return None
-    sizes = ", ".join(f"{k} {tuning[k]}" for k in ("rank", "alpha", "prompts") if k in tuning)
-    count = tuning.get("trainable_params")
-    share = f"{count:,} trainable backbone parameters ({tuning.get('trainable_percent', 0):.3g} % of " \
-            f"{tuning.get('backbone_params', 0):,})" if count is not None else ""
-    return "; ".join(p for p in (tuning["kind"] + (f" ({sizes})" if sizes else ""), share) if p)
-
-
-__all__ = ["peft_stage1", "class_mean_head", "tuning_summary"]
+__all__ = ["peft_stage1", "class_mean_head"]
