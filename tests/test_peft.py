@@ -357,3 +357,30 @@ def _balanced(logits_and_labels) -> float:
     logits, y = logits_and_labels
     pred = logits.argmax(1)
     return float(torch.stack([(pred[y == c] == c).float().mean() for c in y.unique()]).mean())
+
+
+def test_the_comparison_starts_from_an_adapted_backbone(tmp_path):
+    """``python -m pih2t_hub.compare --init-from <saved peft model>``: the methods are compared on the adapted
+    backbone's features (AdaptFormer modules included), and the best model it saves still carries them."""
+    import pih2t_hub.compare as cmp
+
+    model = _trained("timm_vit", "adaptformer")
+    model.config.num_labels = 10  # re-labelled for digits: a fresh head, the adapted backbone kept
+    from pih2t_hub.models.pih2t.heads import build_head
+
+    model.classifier = build_head("linear", model.config.num_features, 10)
+    model.config.class_counts = None
+    model.save_pretrained(tmp_path / "adapted")
+    argv = ["--init-from", str(tmp_path / "adapted"), "--methods", "ce", "--trials", "1", "--seeds", "1",
+            "--max-epochs", "1", "--dataset", "digits", "--image-size", "32", "--max-per-class", "60",
+            "--imbalance-ratio", "10", "--test-per-class", "20", "--stage1-epochs", "1", "--pretrained", "false",
+            "--output-dir", str(tmp_path / "cmp"), "--no-progress"]
+    base, cc, _ = cmp.configs_from_args(argv)
+    assert base.init_from == str(tmp_path / "adapted")
+    report = cmp.compare(base, cc, progress=False)
+    assert "ce" in report["methods"]
+    best = json.loads((tmp_path / "cmp" / "best_model" / "config.json").read_text())
+    assert best["tuning"]["kind"] == "adaptformer"
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "cmp" / "best_model").eval()
+    assert loaded.pih2t.tuning is not None and torch.equal(
+        loaded.pih2t.tuning.blocks[0].up_proj.weight, model.pih2t.tuning.blocks[0].up_proj.weight)
