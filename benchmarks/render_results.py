@@ -1,8 +1,8 @@
 """Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edited by hand).
 
-Five blocks: the default run's table and time (``default_run.json``), the fair comparison (``compare_*.json``), the
-choice of H2TF's default distance (``h2tf_distance.json``), PI-H2T against H2T (from the comparisons) and the PIF
-stage-1 study (``pif_study.json``).
+Six blocks: the default run's table and time (``default_run.json``), the fair comparison (``compare_*.json``), the
+choice of H2TF's default distance (``h2tf_distance.json``), PI-H2T against H2T (from the comparisons), the PIF
+stage-1 study (``pif_study.json``) and the stage-1 retrofits with lightweight fine-tuning (``peft_longtail.json``).
 
     python benchmarks/render_results.py          # rewrites the blocks between the markers in README.md
     python benchmarks/render_results.py --check  # exit 1 if README.md is not what the JSON files give
@@ -223,8 +223,40 @@ def render_default_run() -> str:
         f"torch {machine['torch']}.)"])
 
 
+PEFT_LABELS = {"linear": "linear probe (frozen backbone)", "full": "full fine-tuning", "lora": "LoRA",
+               "bitfit": "BitFit", "adaptformer": "AdaptFormer", "vpt": "VPT (deep)"}
+
+
+def render_peft() -> str:
+    """Stage-1 retrofits, each followed by the same stage 2 (``peft_longtail.json``): mean ± std over seeds."""
+    path = RESULTS / "peft_longtail.json"
+    if not path.exists():
+        return "The lightweight fine-tuning benchmark is not committed yet (`benchmarks/peft_longtail.py`)."
+    r = json.loads(path.read_text())
+    st, summ = r["setup"], r["summary"]
+    seeds = sorted({run["seed"] for run in r["runs"]})
+    lines = [f"{st['backbone']} at {st['image_size']} px on {st['setting']} (IR {st['imbalance_ratio']:g}, n_max "
+             f"{st['max_per_class']:,}, {st['test_per_class']:,} test images per class), {st['stage1_epochs']} "
+             f"stage-1 epochs for every arm, then the same {st['stage2'].upper()} stage 2 (its recipe) on the "
+             f"features of the backbone the arm produced; seeds {', '.join(map(str, seeds))}, mean ± std. "
+             "Accuracy on test, %; time is one whole run (stage 1, extraction of all splits, stage 2) on this "
+             "project's shared 2-core CPU, wall clock, mean over seeds.", "",
+             "| stage 1 | trainable backbone parameters | stage 1: balanced | + stage 2: balanced | many | medium "
+             "| few | minutes |", "|---|---|---|---|---|---|---|---|"]
+    for arm, row in summ.items():
+        def cell(key: str) -> str:
+            return f"{100 * row[key]['mean']:.2f} ± {100 * row[key]['std']:.2f}"
+
+        params = f"{row['trainable_backbone_params']:,} ({row['trainable_percent']:.3g} %)"
+        lines.append(f"| {PEFT_LABELS.get(arm, arm)} | {params} | {cell('stage1_test_balanced')} | "
+                     f"{cell('test_balanced')} | {cell('test_many')} | {cell('test_medium')} | {cell('test_few')} | "
+                     f"{row['wall_s_mean'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 BLOCKS = {("<!-- default-run:start -->", "<!-- default-run:end -->"): render_default_run,
           ("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
+          ("<!-- peft-longtail:start -->", "<!-- peft-longtail:end -->"): render_peft,
           ("<!-- pif-study:start -->", "<!-- pif-study:end -->"): render_pif,
           ("<!-- h2tf-distance:start -->", "<!-- h2tf-distance:end -->"): render_distance,
           ("<!-- pi-h2t:start -->", "<!-- pi-h2t:end -->"): render_pih2t}

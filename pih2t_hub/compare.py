@@ -447,7 +447,7 @@ _DATA_FLAGS: dict[str, type] = {
     "dataset": str, "label_column": str, "image_column": str, "imbalance_ratio": float, "profile": str,
     "max_per_class": int, "test_per_class": int, "val_fraction": float, "image_size": int, "backbone": str,
     "head_type": str, "stage1_epochs": int, "stage1_lr": float, "batch_size": int, "seed": int, "cache_dir": str,
-    "num_workers": int, "feature_dtype": str,
+    "num_workers": int, "feature_dtype": str, "init_from": str,
 }
 
 

@@ -435,6 +435,22 @@ def _dataset_description(dataset_name: str, fields: Mapping[str, Any]) -> str:
     return dataset_desc
 
 
+def _tuning(tuning: Any) -> str | None:
+    """Lightweight fine-tuning as the card states it: kind, sizes, trainable parameters (count and share of the
+    backbone), and whether its module was merged away; ``None`` when the backbone was not tuned that way."""
+    if not isinstance(tuning, Mapping) or not tuning.get("kind"):
+        return None
+    sizes = ", ".join(f"{k} {tuning[k]}" for k in ("rank", "alpha", "prompts") if k in tuning)
+    text = f"{tuning['kind']}" + (f" ({sizes})" if sizes else "")
+    if tuning.get("trainable_params") is not None:
+        text += (f": {int(tuning['trainable_params']):,} trainable parameters, "
+                 f"{float(tuning.get('trainable_percent', 0)):.3g} % of the backbone's "
+                 f"{int(tuning.get('backbone_params', 0)):,}")
+    if tuning.get("merged"):
+        text += "; merged into the backbone's weights"
+    return text
+
+
 def _run_settings(
     config: Mapping[str, Any], results: Mapping[str, Any], fields: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -450,6 +466,7 @@ def _run_settings(
         "profile": _fmt(fields["profile"]),
         "method": method,
         "hyperparameters": _hyperparameters(config),
+        "tuning": _tuning(config.get("tuning")),
         "global_batch_size": _fmt(fields["global_batch_size"]),
         "epochs": _epochs(fields),
         "seeds": _fmt(fields["seeds"]),

@@ -135,6 +135,10 @@ def check_timm_exportable(model: Any) -> None:
         )
     if getattr(config, "pif", False) or getattr(model.pih2t, "pif", None) is not None:
         raise TimmExportError("timm export refused: a PIF layer sits between backbone and head, plain timm has none")
+    kind = (getattr(config, "tuning", None) or {}).get("kind")
+    if getattr(model.pih2t, "tuning", None) is not None or kind in ("adaptformer", "vpt"):
+        raise TimmExportError(f"timm export refused: {kind or 'tuning'} modules sit inside the backbone's blocks, "
+                              "plain timm has none (merged lora and bitfit export)")
     head = model.classifier
     if type(head).__name__ == "CosineHead":
         raise TimmExportError("timm export refused: a cosine head (s·cos) normalises the features; timm's head is linear")

@@ -13,7 +13,7 @@ from .context import RunContext, weights_fingerprint
 
 def needs_features(ctx: RunContext) -> bool:
     """Whether the run reads cached features: any linear probe or cached stage 2, and methods that fit on them."""
-    return ctx.cfg.stage2_mode == "cached" or not ctx.finetune or ctx.method.needs_features
+    return ctx.cfg.stage2_mode == "cached" or not (ctx.finetune or ctx.peft) or ctx.method.needs_features
 
 
 def extract_features(ctx: RunContext, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, TensorDataset]:

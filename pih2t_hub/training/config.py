@@ -89,7 +89,8 @@ class RunConfig:
     # stages
     stage: str = _f("both", "stages", "which stages to run", ("1", "2", "both"))
     stage1_mode: str = _f("linear", "stages", "stage 1: 'linear' probe on cached features of the frozen backbone, "
-                          "or 'finetune' end to end", ("linear", "finetune"))
+                          "'finetune' end to end, or 'peft': a small module inside the frozen backbone (--peft)",
+                          ("linear", "finetune", "peft"))
     stage2_mode: str = _f("cached", "stages", "stage 2 on 'cached' pooled features, or 'online' (backbone forward "
                           "every step, shift-BN)", ("cached", "online"))
     stage1_epochs: int = _f(10, "stages", "stage-1 epochs (>= 1)")
@@ -105,6 +106,20 @@ class RunConfig:
     stage2_lr: float | None = _f(None, "stages", "stage-2 learning rate (> 0); none: the method's recipe")
     stage2_batch_size: int | None = _f(None, "stages", "stage-2 batch size per process; none: the method's recipe")
     stage2_weight_decay: float | None = _f(None, "stages", "stage-2 weight decay (>= 0); none: the method's recipe")
+    # lightweight fine-tuning: --stage1-mode peft, LIFT's recipe by default (docs/methods.md)
+    peft: str | None = _f(None, "stages", "with --stage1-mode peft: the module trained inside the frozen backbone, "
+                          "one of lora, adaptformer, bitfit, vpt (adaptformer and vpt: ViT-family backbones)")
+    peft_rank: int | None = _f(None, "stages", "LoRA rank / AdaptFormer bottleneck (>= 1); none: LIFT's rule "
+                               "2^max(0, floor(log2(classes / (2 blocks))))")
+    peft_alpha: float = _f(1.0, "stages", "LoRA alpha: the update is scaled by alpha / rank (LIFT: 1 / rank)")
+    peft_targets: str | None = _f(None, "stages", "LoRA's layers, comma-separated module names or suffixes; none: "
+                                  "a ViT's attention qkv (timm) or query,value (HF), a CNN's ungrouped convolutions")
+    peft_prompts: int = _f(10, "stages", "VPT: prompt tokens per block (deep VPT, >= 1)")
+    peft_lr: float = _f(0.01, "stages", "stage-1 learning rate of --stage1-mode peft (> 0, cosine per epoch)")
+    peft_head: str = _f("cosine", "stages", "head trained with the module, initialised from the class means: "
+                        "LIFT's 'cosine', or 'linear' (exportable to plain timm)", ("cosine", "linear"))
+    peft_scale: float = _f(25.0, "stages", "scale s of the peft head's logits s·cos(w, f) (> 0)")
+    peft_tau: float = _f(1.0, "stages", "τ of the peft stage's logit-adjusted loss (>= 0)")
     # training
     grad_accum: int = _f(1, "training", "gradient accumulation steps (>= 1)")
     mixed_precision: str = _f("no", "training", "autocast dtype; resolved to what the device supports (recorded)",
@@ -152,6 +167,7 @@ class RunConfig:
         _check_choices(self)
         _check_ranges(self)
         _check_names(self)
+        _check_peft(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,6 +273,34 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"momentum must lie in [0, 1), got {cfg.momentum}")
     if not cfg.dataset.strip():
         raise ConfigError("dataset must not be empty")
+
+
+def _check_peft(cfg: RunConfig) -> None:
+    """Lightweight fine-tuning's flags: a kind exactly when the peft mode runs, sizes in range, and no timm export
+    of a module plain timm does not have."""
+    from .._tuning_names import PEFT_KINDS, PEFT_MODULE_KINDS
+
+    if cfg.peft is not None and cfg.stage1_mode != "peft":
+        raise ConfigError(f"--peft {cfg.peft} needs --stage1-mode peft (got --stage1-mode {cfg.stage1_mode})")
+    if cfg.stage1_mode == "peft" and cfg.peft is None:
+        raise ConfigError(f"--stage1-mode peft needs --peft: one of {', '.join(PEFT_KINDS)}")
+    if cfg.peft is not None and cfg.peft not in PEFT_KINDS:
+        close = difflib.get_close_matches(cfg.peft, PEFT_KINDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown --peft kind {cfg.peft!r}{hint}; choose one of {', '.join(PEFT_KINDS)}")
+    if cfg.peft_rank is not None and cfg.peft_rank < 1:
+        raise ConfigError(f"peft_rank must be >= 1, got {cfg.peft_rank}")
+    if cfg.peft_prompts < 1:
+        raise ConfigError(f"peft_prompts must be >= 1, got {cfg.peft_prompts}")
+    for name in ("peft_lr", "peft_scale", "peft_alpha"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be finite and > 0, got {value}")
+    if not math.isfinite(cfg.peft_tau) or cfg.peft_tau < 0:
+        raise ConfigError(f"peft_tau must be finite and >= 0, got {cfg.peft_tau}")
+    if cfg.stage1_mode == "peft" and cfg.peft in PEFT_MODULE_KINDS and "timm" in (cfg.export, cfg.hub_format):
+        raise ConfigError(f"--peft {cfg.peft} adds modules plain timm does not have: export it in the pih2t format "
+                          "(--export timm works after lora and bitfit)")
 
 
 def _check_names(cfg: RunConfig) -> None:

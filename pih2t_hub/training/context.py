@@ -60,6 +60,11 @@ class RunContext:
         return self.cfg.stage1_mode == "finetune" and self.cfg.stage in ("1", "both")
 
     @property
+    def peft(self) -> bool:
+        """Whether stage 1 trains a lightweight module inside the frozen backbone in this run."""
+        return self.cfg.stage1_mode == "peft" and self.cfg.stage in ("1", "both")
+
+    @property
     def extra_state(self) -> dict[str, Any]:
         """Our own checkpointed state: the generator of fusion subsets and mixup draws."""
         return {"fusion_generator": GeneratorState(self.fusion_generator)}

@@ -67,7 +67,8 @@ def _card_config(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
     hparams["recipe_source"] = recipe.source if recipe is not None else "no stage-2 training"
     return {**cfg.to_dict(), "global_batch_size": results["global_batch"], "hyperparameters": hparams,
             "hardware": f"{results['num_processes']} process(es), {platform.machine()}, torch {torch.__version__}",
-            "backbone_tag": ctx.model.config.backbone_tag, "class_counts": ctx.counts.tolist()}
+            "backbone_tag": ctx.model.config.backbone_tag, "class_counts": ctx.counts.tolist(),
+            "tuning": getattr(ctx.model.config, "tuning", None)}
 
 
 def _render_card(ctx: RunContext, results: dict[str, Any]) -> str | None:

@@ -81,6 +81,14 @@ def _check_backbone(cfg: RunConfig) -> None:
     check_backbone_available(cfg.backbone, cfg.pretrained)
 
 
+def _check_peft(cfg: RunConfig) -> None:
+    """``--peft adaptformer`` / ``vpt`` on a backbone known to be a CNN (alias, timm name, config.json on disk)."""
+    if cfg.stage1_mode == "peft" and cfg.stage in ("1", "both"):
+        from .._tuning_names import check_peft_backbone
+
+        check_peft_backbone(cfg.peft, cfg.init_from or cfg.backbone)
+
+
 def _check_hub(cfg: RunConfig) -> None:
     if not cfg.push_to_hub:
         return
@@ -99,6 +107,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
     _check_dataset(cfg)
     _check_init_from(cfg)
     _check_outputs(cfg)
+    _check_peft(cfg)
     _check_hub(cfg)
     _check_backbone(cfg)  # last: when the Hub is online but the weights are not cached, it asks the Hub (< 4 s)
     return cfg

@@ -25,6 +25,7 @@ from .loop import LoopCallback, LoopState
 from .predict import format_table, summarize
 from .record import resolve_mixed_precision, used_image_size
 from .resume import clear_earlier_run
+from .lightweight import peft_stage1
 from .stage1 import finetune_stage1, linear_stage1
 from .stage2 import method_context, run_stage2
 
@@ -57,20 +58,20 @@ def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback])
 
     # ---------------- stage 1: representation (end to end) or linear probe (on cached features)
     stage1: LoopState | None = None
-    if ctx.finetune:
-        stage1 = finetune_stage1(ctx)
+    if ctx.finetune or ctx.peft:
+        stage1 = peft_stage1(ctx) if ctx.peft else finetune_stage1(ctx)
         if stage1.stopped:
             return results
     if needs_features(ctx):
         extract_features(ctx)
-    if cfg.stage in ("1", "both") and not ctx.finetune:
+    if cfg.stage in ("1", "both") and not (ctx.finetune or ctx.peft):
         stage1 = linear_stage1(ctx)
         if stage1.stopped:
             return results
     if stage1 is not None:
         results["stage1"] = {"best_epoch": stage1.best_epoch, "history": stage1.history}
         if ctx.features:
-            results["stage1"]["test"] = rows["stage 1 (ce)"] = summarize(ctx.eval_head(ctx.model.classifier, "test"))
+            results["stage1"]["test"] = rows[_stage1_label(ctx)] = summarize(ctx.eval_head(ctx.model.classifier, "test"))
 
     # ---------------- stage 2: the method retrains (or post-processes) the head, then exports it into the model
     if cfg.stage in ("2", "both"):
@@ -84,7 +85,7 @@ def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback])
 
     # ---------------- the test split, once, on the model that is saved
     final = _evaluate_saved_model(ctx)
-    label = ctx.method.name if cfg.stage in ("2", "both") else "stage 1 (ce)"  # no stage 2: not the method's row
+    label = ctx.method.name if cfg.stage in ("2", "both") else _stage1_label(ctx)  # no stage 2: not the method's row
     results["test"] = rows[label] = summarize(final)
     results["per_class"] = [float(a) for a in final["per_class"]]
     results["table"] = rows
@@ -96,6 +97,11 @@ def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback])
     if cfg.report_to:
         ctx.accelerator.end_training()
     return results
+
+
+def _stage1_label(ctx: RunContext) -> str:
+    """The stage-1 row of the results table: what stage 1 trained with."""
+    return f"stage 1 (peft {ctx.cfg.peft})" if ctx.peft else "stage 1 (ce)"
 
 
 def _setup(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback]) -> RunContext:

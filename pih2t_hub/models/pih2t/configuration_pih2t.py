@@ -78,6 +78,10 @@ class PIH2TConfig(PretrainedConfig):
             drops counts that no longer match, with a warning: they described the old label set.
         head_config (`dict`, *optional*):
             Keyword arguments of heads with more structure than a matrix (``"dlsa"``: depth, clusters, flow sizes).
+        tuning (`dict`, *optional*):
+            Lightweight fine-tuning the backbone went through (``kind``: ``"lora"``, ``"adaptformer"``, ``"bitfit"``
+            or ``"vpt"``, with its sizes and trainable-parameter counts). ``adaptformer`` and ``vpt`` rebuild their
+            modules from it (``tuning.py``); merged LoRA and BitFit left plain backbone weights and are recorded only.
     """
 
     model_type = "pih2t"
@@ -106,6 +110,7 @@ class PIH2TConfig(PretrainedConfig):
         fusion_ratio: float = 0.25,
         class_counts: list[int] | None = None,
         head_config: dict[str, Any] | None = None,
+        tuning: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_choice("backbone_source", backbone_source, BACKBONE_SOURCES)
@@ -140,6 +145,7 @@ class PIH2TConfig(PretrainedConfig):
         self.method = method
         self.fusion_ratio = float(fusion_ratio)
         self.head_config = dict(head_config) if head_config is not None else None
+        self.tuning = dict(tuning) if tuning is not None else None
         super().__init__(**kwargs)
         # set after the base init, whose num_labels setter would otherwise drop mismatching counts silently-ish
         self.class_counts = [int(c) for c in class_counts] if class_counts is not None else None

@@ -22,6 +22,7 @@ from .backbones import BackboneAdapter, build_backbone
 from .configuration_pih2t import PIH2TConfig
 from .fusion import PIF
 from .heads import CosineHead, LinearHead, build_head
+from .tuning import AdaptFormer, Prompts, build_tuning
 
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 
@@ -58,6 +59,8 @@ class PIH2TPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, CosineHead):
             nn.init.normal_(module.weight, std=0.01)  # as CosineHead.__init__
+        elif isinstance(module, (AdaptFormer, Prompts)):
+            module.reset_parameters()  # AdaptFormer starts at zero: the backbone unchanged
         elif isinstance(module, PIF):
             for layer in module.phi:
                 if isinstance(layer, nn.Linear):
@@ -147,6 +150,7 @@ class PIH2TModel(PIH2TPreTrainedModel):
     def __init__(self, config: PIH2TConfig) -> None:
         super().__init__(config)
         self.backbone = build_backbone(config)
+        self.tuning = build_tuning(self.backbone.model, config.tuning)  # AdaptFormer / VPT, hooked into the blocks
         self.pif = (
             PIF(config.pif_hidden, config.pif_activation, config.pif_mode, config.pif_statistic) if config.pif else None
         )
