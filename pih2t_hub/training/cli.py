@@ -25,7 +25,8 @@ from transformers import HfArgumentParser
 from .config import GROUPS, ConfigError, RunConfig
 from .interrupt import Terminated, terminate_like_ctrl_c
 
-__all__ = ["UsageError", "build_parser", "check_combinations", "resolve_config", "main", "USER_ERRORS"]
+__all__ = ["UsageError", "add_config_flags", "build_parser", "check_combinations", "resolve_config", "main",
+           "USER_ERRORS"]
 
 _UNSET = object()  # "flag not given" (None is a real value: `--max-per-class none`)
 _RENAMED = {"--epochs": "--stage1-epochs / --stage2-epochs", "--lr": "--stage1-lr / --stage2-lr"}
@@ -89,21 +90,35 @@ def _optional(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 
-def build_parser(description: str | None = None) -> HfArgumentParser:
-    """The parser: ``--config``, ``--debug`` and one flag per :class:`RunConfig` field, in groups."""
+def build_parser(description: str | None = None, exclude: typing.Collection[str] = (),
+                 extra: typing.Sequence[type] = ()) -> HfArgumentParser:
+    """The parser: ``--config``, ``--debug`` and one flag per :class:`RunConfig` field (but ``exclude``), in groups;
+    then one per field of each ``extra`` dataclass (e.g. the comparison's own), in the groups they name."""
     parser = _Parser([], description=description, formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
         prog, max_help_position=36, width=118))
     parser.add_argument("--config", help="recipe YAML: a path, or a name in recipes/configs/ (flags override it)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    groups = {name: parser.add_argument_group(name) for name in GROUPS}
-    hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
+    names = dict.fromkeys([*(f.metadata["group"] for c in extra for f in dataclasses.fields(c)), *GROUPS])
+    groups = {name: parser.add_argument_group(name) for name in names}  # the extra groups first in --help
+    add_config_flags(parser, RunConfig, groups, exclude)
+    for config in extra:
+        add_config_flags(parser, config, groups)
+    _list_registered_methods(parser)
+    return parser
+
+
+def add_config_flags(parser: HfArgumentParser, config: type, groups: dict[str, Any],
+                     exclude: typing.Collection[str] = ()) -> None:
+    """One flag per field of the dataclass ``config`` (but ``exclude``), in the argument group its ``group``
+    metadata names: what ``HfArgumentParser`` derives from the field, adapted by :class:`_Group`."""
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        if f.name in exclude:
+            continue
         field = copy.copy(f)  # HfArgumentParser resolves .type in place: leave the dataclass's own fields alone
         field.type = hints[f.name]
         field.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k in ("help", "choices")})
         HfArgumentParser._parse_dataclass_field(_Group(groups[f.metadata["group"]], _optional(field.type)), field)
-    _list_registered_methods(parser)
-    return parser
 
 
 def _list_registered_methods(parser: argparse.ArgumentParser) -> None:
