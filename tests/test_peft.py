@@ -363,6 +363,7 @@ def test_the_comparison_starts_from_an_adapted_backbone(tmp_path):
     """``python -m pih2t_hub.compare --init-from <saved peft model>``: the methods are compared on the adapted
     backbone's features (AdaptFormer modules included), and the best model it saves still carries them."""
     import pih2t_hub.compare as cmp
+    from pih2t_hub.compare_cli import resolve_configs
 
     model = _trained("timm_vit", "adaptformer")
     model.config.num_labels = 10  # re-labelled for digits: a fresh head, the adapted backbone kept
@@ -375,7 +376,7 @@ def test_the_comparison_starts_from_an_adapted_backbone(tmp_path):
             "--max-epochs", "1", "--dataset", "digits", "--image-size", "32", "--max-per-class", "60",
             "--imbalance-ratio", "10", "--test-per-class", "20", "--stage1-epochs", "1", "--pretrained", "false",
             "--output-dir", str(tmp_path / "cmp"), "--no-progress"]
-    base, cc, _ = cmp.configs_from_args(argv)
+    base, cc = resolve_configs(argv)
     assert base.init_from == str(tmp_path / "adapted")
     report = cmp.compare(base, cc, progress=False)
     assert "ce" in report["methods"]
