@@ -302,7 +302,7 @@ def test_init_from_with_a_different_class_count_is_refused(tmp_path: Path) -> No
 
     create_model("test_resnet", num_labels=3).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="has 3 classes but the dataset has 10"):
-        _load_initial_model(str(tmp_path / "m"), 10, np.ones(10, dtype=int), "h2t", 0.25)
+        _load_initial_model(str(tmp_path / "m"), 10, np.ones(10, dtype=int), "h2t")
 
 
 def test_cli_pi_h2t_trains_pif_in_stage1_and_h2tf_online(tmp_path: Path) -> None:
