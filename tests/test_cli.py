@@ -171,6 +171,10 @@ def test_cli_every_method_runs(tmp_path: Path, method: str, shared_cache: Path) 
     assert evaluated["balanced"] == pytest.approx(results["test"]["balanced"], abs=1e-12)
     card = (out / "model" / "README.md").read_text()
     assert f"{100 * results['test']['balanced']:.2f}" in card
+    if method == "ldam_drw":  # the re-weighting epoch it derived, int(0.8 · 1 epoch) = 0, is recorded with the run
+        recorded = yaml.safe_load((out / "run_config.yaml").read_text())
+        assert results["derived_loss_kwargs"] == {"drw_epoch": 0} == {"drw_epoch": recorded["loss_kwargs"]["drw_epoch"]}
+        assert "drw_epoch" in card
 
 
 def test_cli_config_file_with_overrides(tmp_path: Path) -> None:
