@@ -179,13 +179,11 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
     debug = "--debug" in argv
     try:
         from .preflight import preflight
-        from .resume import run_guard
 
         cfg = preflight(resolve_config(argv, config_dir))
-        with run_guard(cfg):
-            from .run import run  # the heavy imports (datasets, accelerate) only once the config is known good
+        from .run import run_checked  # the heavy imports (datasets, accelerate) only once the config is known good
 
-            run(cfg)
+        run_checked(cfg)  # the recipe resolved, the output guarded, the steps walked: once each
     except KeyboardInterrupt:
         print("interrupted: rerun with --resume to continue from the newest checkpoint", file=sys.stderr)
         return 130
