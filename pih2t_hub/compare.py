@@ -586,9 +586,11 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     final_start = time.perf_counter()
     bar = tqdm(total=2 * cc.seeds * len(tuned), desc="final retraining", disable=not progress)
     for label, t in tuned.items():  # every study is finished: now, and only now, the test split is read
+        method_start = time.perf_counter()
         final = evaluate_final(bench, t["candidate"], t["overrides"], cc.seeds, bar)
         default = evaluate_final(bench, t["candidate"], {}, cc.seeds, bar)
         rows[label], models[label] = _row(t["candidate"], t, final, default), final["_model"]
+        rows[label]["final_s"] = round(time.perf_counter() - method_start, 1)  # its retraining and test runs
     bar.close()
     reference = _pick(rows, baselines_only=True)
     _paired(rows, reference)
