@@ -479,9 +479,9 @@ def format_report(report: dict[str, Any]) -> str:
                      + " | ".join(cell(row["tuned"]["test"][k]) for k in SUMMARY_KEYS)
                      + f" | {cell(row['default']['test']['balanced'])} | {100 * paired['mean']:+.2f} ({paired['signs']}) |")
     setting = report["setting"]
-    lines += ["", f"`{report['best']}` is chosen on the selection score: {setting['selection']} (mean ± std over "
-              f"its parts), never on test. Test columns: mean ± std over {setting['seeds']} seeds; Δ: paired per-seed "
-              f"test balanced-accuracy difference to the best baseline `{report['best_baseline']}`."]
+    lines += ["", f"`{report['best']}` is chosen on the selection score: {setting['selection']} (mean ± std "
+              f"over its parts), never on test. Test columns: mean ± std over {setting['seeds']} seeds; Δ: paired "
+              f"per-seed test balanced-accuracy difference to the best baseline `{report['best_baseline']}`."]
     return "\n".join(lines)
 
 

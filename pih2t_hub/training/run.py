@@ -1,4 +1,4 @@
-"""A whole run as a sequence of steps: data splits → model → stage 1 → features → stage 2 → export → evaluation.
+"""A run as a sequence of steps: data splits → model → stage 1 → features → stage 2 → export → evaluation.
 
 The entry does every check once: :func:`run` checks the config against the machine
 (:func:`~pih2t_hub.training.preflight.preflight`: dataset path, backbone weights, ...), :func:`run_checked`
