@@ -44,7 +44,10 @@ def _table(reports: list[tuple[str, int, dict]], key: str) -> list[str]:
         cells = []
         for i, (*_, r) in enumerate(reports):
             row = r["methods"].get(label)
-            text = _cell(row[key] if key in row else row["tuned"]["test"][key]) if row else "—"
+            if key in ("selection", "recipe_selection"):  # schema 2 on: the cross-validation score
+                text = _cell(row.get(key)) if row else "—"
+            else:
+                text = _cell(row[key] if key in row else row["tuned"]["test"][key]) if row else "—"
             cells.append(f"**{text}**" if best[i] == label else text)
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return lines
@@ -59,6 +62,12 @@ def render() -> str:
     lines = ["Balanced accuracy on test, % (mean ± std over seeds; each method tuned with the same budget on "
              "validation; **bold**: the method the comparison picks on validation):", ""]
     lines += _table(reports, "balanced")
+    if any("selection" in row for *_, r in reports for row in r["methods"].values()):
+        lines += ["", "Selection score, % (the tuned configuration's mean balanced accuracy over the cross-validation "
+                  "folds × repeats ± its spread; — for a comparison that selected on the validation split):", ""]
+        lines += _table(reports, "selection")
+        lines += ["", "The published recipe's selection score, % (the first trial of every study):", ""]
+        lines += _table(reports, "recipe_selection")
     lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy % (— also where a setting has no such "
               "class: in A and B the rarest class has 60 and 600 images):", ""]
     lines += _table(reports, "few")
