@@ -384,3 +384,29 @@ def test_the_comparison_starts_from_an_adapted_backbone(tmp_path):
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "cmp" / "best_model").eval()
     assert loaded.pih2t.tuning is not None and torch.equal(
         loaded.pih2t.tuning.blocks[0].up_proj.weight, model.pih2t.tuning.blocks[0].up_proj.weight)
+
+
+@pytest.mark.parametrize("kind", ["lora", "bitfit"])
+def test_a_peft_run_resumes_mid_epoch_bitwise(tmp_path, kind):
+    """Stopped after 3 peft steps (checkpoint 2, mid-epoch, LoRA layers in the checkpointed model), then
+    ``resume=True``: the saved model, the stage-1 history and the test numbers equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from pih2t_hub.training.config import RunConfig
+    from pih2t_hub.training.loop import StopAfterSteps
+    from pih2t_hub.training.run import run
+
+    def cfg(out: Path, **extra) -> RunConfig:
+        return RunConfig(backbone="test_resnet", pretrained=False, dataset="digits", image_size=32, max_per_class=60,
+                         imbalance_ratio=10.0, test_per_class=20, batch_size=32, stage1_mode="peft", peft=kind,
+                         stage1_epochs=2, stage2_epochs=1, checkpoint_every=2, output_dir=str(out), **extra)
+
+    ref = run(cfg(tmp_path / "ref"))
+    partial = run(cfg(tmp_path / "cut"), callbacks=[StopAfterSteps(3)])
+    assert "test" not in partial
+    resumed = run(cfg(tmp_path / "cut", resume=True))
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("stage1", "test"):
+        assert json.dumps(resumed[key], sort_keys=True) == json.dumps(ref[key], sort_keys=True)
