@@ -177,15 +177,19 @@ def test_the_light_kind_lists_agree_with_the_model_code():
     assert PEFT_KINDS == TUNING_KINDS and PEFT_MODULE_KINDS == MODULE_KINDS
 
 
-def test_vpt_keeps_the_token_count_of_every_block():
-    model = _model("timm_vit")
+@pytest.mark.parametrize("key", VIT_KEYS)
+def test_vpt_keeps_the_token_count_of_every_block(key):
+    model = _model(key)
     x = _input(model)
     with torch.no_grad():
-        ref = model.pih2t(x, output_hidden_states=True).hidden_states
+        ref = model.pih2t(x, output_hidden_states=True)
     adapt(model, resolve_spec(model, "vpt", prompts=4))
     with torch.no_grad():
         out = model.pih2t(x, output_hidden_states=True)
-    assert [h.shape for h in out.hidden_states] == [h.shape for h in ref]
+    assert out.last_hidden_state.shape == ref.last_hidden_state.shape
+    # every block's output; transformers records block 0's *input* (with its prompts) as its first hidden state
+    first = 0 if key.startswith("timm") else 1
+    assert [h.shape for h in out.hidden_states[first:]] == [h.shape for h in ref.hidden_states[first:]]
 
 
 # ---------------------------------------------------------------------------------------------- save, load, export
