@@ -294,11 +294,16 @@ ERRORS = [
     (["--backbone", "test_resnet", "--peft", "lora"], "--peft lora needs --stage1-mode peft (got --stage1-mode linea"),
     (["--backbone", "test_resnet", "--stage1-mode", "peft"], "--stage1-mode peft needs --peft: one of lora, adaptform"),
     (["--backbone", "test_vit", *PEFT, "vpt", "--export", "timm"], "--peft vpt adds modules plain timm does not have"),
+    (["--init-from", "{tmp}/adapted", *PEFT, "bitfit"], "was already adapted (lora); lightweight fine-tuning starts"),
 ]
 
 
 @pytest.mark.parametrize("extra, words", ERRORS, ids=[e[1][:30] for e in ERRORS])
 def test_bad_peft_flags_are_one_line_before_torch(tmp_path, extra, words):
+    (tmp_path / "adapted").mkdir()
+    (tmp_path / "adapted" / "config.json").write_text(json.dumps(
+        {"model_type": "pih2t", "backbone": "test_resnet", "backbone_source": "timm", "tuning": {"kind": "lora"}}))
+    extra = [a.format(tmp=tmp_path) for a in extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-X", "importtime", "recipes/finetune.py", *TINY, *extra,
                            "--output-dir", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True,

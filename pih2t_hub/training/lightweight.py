@@ -91,6 +91,9 @@ def peft_stage1(ctx: RunContext) -> LoopState:
     """Train the tuning module and the head on augmented images; the model is left with its best weights, LoRA
     merged, and ``config.tuning`` recording the kind, its sizes and the trainable parameters."""
     cfg, acc = ctx.cfg, ctx.accelerator
+    if getattr(ctx.model.config, "tuning", None):  # before any extraction (the CLI refuses it earlier still)
+        raise ValueError(f"the start model was already adapted ({ctx.model.config.tuning.get('kind')}); lightweight "
+                         "fine-tuning starts from a model without a tuning module")
     ctx.model.classifier = _start_head(ctx)
     targets = [t.strip() for t in cfg.peft_targets.split(",") if t.strip()] if cfg.peft_targets else None
     spec = resolve_spec(ctx.model, cfg.peft, rank=cfg.peft_rank, alpha=cfg.peft_alpha, targets=targets,
