@@ -421,3 +421,57 @@ def test_a_peft_run_resumes_mid_epoch_bitwise(tmp_path, kind):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for key in ("stage1", "test"):
         assert json.dumps(resumed[key], sort_keys=True) == json.dumps(ref[key], sort_keys=True)
+
+
+def test_five_crops_are_the_corners_and_centre_of_the_enlarged_image():
+    """LIFT's test-time ensemble input, against crops cut by hand from the resized image."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from pih2t_hub.training.lightweight import FiveCrops
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    dc = {"input_size": [3, 32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
+    crops = FiveCrops(dc)(image)
+    assert crops.shape == (5, 3, 32, 32)
+    big = TF.to_tensor(TF.resize(image, 56))  # short side 32 + 24 = 56: (56, 70)
+    assert big.shape[1:] == (56, 70)
+    mean, std = torch.tensor(dc["mean"])[:, None, None], torch.tensor(dc["std"])[:, None, None]
+    by_hand = [big[:, :32, :32], big[:, :32, -32:], big[:, -32:, :32], big[:, -32:, -32:], big[:, 12:44, 19:51]]
+    for crop, ref in zip(crops, by_hand):
+        torch.testing.assert_close(crop, (ref - mean) / std)
+
+
+def test_tta_reports_the_averaged_five_crop_logits(tmp_path):
+    """``tta=True`` adds a ``test_tta`` row: the saved model's logits averaged over five crops, recomputed here."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from pih2t_hub.data.splits import load_splits
+    from pih2t_hub.training.config import RunConfig
+    from pih2t_hub.training.run import run
+
+    cfg = RunConfig(backbone="test_resnet", pretrained=False, dataset="digits", image_size=32, max_per_class=60,
+                    imbalance_ratio=10.0, test_per_class=20, stage1_mode="peft", peft="bitfit", stage1_epochs=1,
+                    stage2_epochs=1, batch_size=64, tta=True, output_dir=str(tmp_path / "out"))
+    results = run(cfg)
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "model").eval()
+    dc = model.config.backbone_data_config
+    mean, std = torch.tensor(dc["mean"])[:, None, None], torch.tensor(dc["std"])[:, None, None]
+    data = load_splits(cfg)
+    test = data["test"]
+    image_col = next(k for k, f in test.features.items() if type(f).__name__ == "Image")
+    logits, labels = [], []
+    for row in test:
+        image = row[image_col]
+        image = (image if isinstance(image, Image.Image) else Image.open(image["path"])).convert("RGB")
+        big = TF.to_tensor(TF.resize(image, 32 + 24, interpolation=TF.InterpolationMode.BICUBIC
+                                     if dc.get("interpolation") == "bicubic" else TF.InterpolationMode.BILINEAR))
+        crops = torch.stack([(c - mean) / std for c in TF.five_crop(big, [32, 32])])
+        with torch.no_grad():
+            logits.append(model(crops).logits.mean(0))
+        labels.append(int(row[data["label_column"]]))
+    assert _balanced((torch.stack(logits), torch.tensor(labels))) == pytest.approx(results["test_tta"]["balanced"],
+                                                                                  abs=1e-6)

@@ -69,7 +69,8 @@ def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback])
     if stage1 is not None:
         results["stage1"] = {"best_epoch": stage1.best_epoch, "history": stage1.history}
         if ctx.features:
-            results["stage1"]["test"] = rows[_stage1_label(ctx)] = summarize(ctx.eval_head(ctx.model.classifier, "test"))
+            results["stage1"]["test"] = rows[_stage1_label(ctx)] = summarize(
+                ctx.eval_head(ctx.model.classifier, "test"))
 
     # ---------------- stage 2: the method retrains (or post-processes) the head, then exports it into the model
     if cfg.stage in ("2", "both"):
@@ -85,6 +86,10 @@ def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback])
     final = _evaluate_saved_model(ctx)
     label = ctx.method.name if cfg.stage in ("2", "both") else _stage1_label(ctx)  # no stage 2: not the method's row
     results["test"] = rows[label] = summarize(final)
+    if cfg.tta:  # an extra row: the saved model itself classifies one crop
+        from .lightweight import tta_metrics
+
+        results["test_tta"] = rows[f"{label} + TTA"] = summarize(tta_metrics(ctx))
     results["per_class"] = [float(a) for a in final["per_class"]]
     results["table"] = rows
     if ctx.accelerator.is_main_process:
