@@ -47,6 +47,8 @@ from _common import machine_info, write_json  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTING_C = dict(dataset="fashion_mnist", imbalance_ratio=100.0, max_per_class=1000, test_per_class=1000,
                  profile="exp", val_fraction=0.1)
+SMOKE = dict(dataset="digits", imbalance_ratio=10.0, max_per_class=60, test_per_class=20, profile="exp",
+             val_fraction=0.1)
 CNN_ARMS = ("linear", "full", "lora", "bitfit")
 VIT_ARMS = ("linear", "full", "lora", "bitfit", "adaptformer", "vpt")
 STAGE2 = "h2t"
@@ -56,7 +58,8 @@ def arm_config(arm: str, seed: int, args: argparse.Namespace, workdir: Path) -> 
     """The run's config for one arm: shared data, backbone, epochs and stage 2; the arm's own stage 1."""
     from pih2t_hub.training.config import RunConfig
 
-    base = dict(SETTING_C, backbone=args.backbone, pretrained=True, image_size=args.size, batch_size=128,
+    base = dict(SMOKE if args.smoke else SETTING_C, backbone=args.backbone, pretrained=not args.smoke,
+                image_size=args.size, batch_size=128,
                 stage1_epochs=args.epochs, stage1_lr=0.1, method=STAGE2, stage="both", stage2_mode="cached",
                 mixed_precision=args.mixed_precision, seed=seed, output_dir=str(workdir / f"{arm}_s{seed}"),
                 cache_dir=str(workdir / f"{arm}_s{seed}" / "features"))
@@ -125,7 +128,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default="/tmp/pih2t_peft_bench")
     p.add_argument("--out", default=str(RESULTS / "peft_longtail.json"))
     p.add_argument("--resume", action="store_true", help="keep the arms --out already holds")
+    p.add_argument("--smoke", action="store_true", help="the code path only: tiny digits-LT, random weights, "
+                   "1 epoch, seed 0 (e.g. --backbone test_vit for every arm); writes to the workdir")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.seeds, args.out = 1, "0", str(Path(args.workdir) / "smoke.json")
     if args.gpu:
         args.size, args.epochs, args.mixed_precision = 224, 10, "bf16"
     return args
@@ -140,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     out, workdir = Path(args.out), Path(args.workdir)
     runs = json.loads(out.read_text())["runs"] if args.resume and out.is_file() else []
     done = {(r["arm"], r["seed"]) for r in runs}
-    setup = {"setting": "Fashion-MNIST-LT C", **SETTING_C, "backbone": args.backbone, "image_size": args.size,
+    setting = SMOKE if args.smoke else SETTING_C
+    setup = {"setting": "digits-LT (smoke)" if args.smoke else "Fashion-MNIST-LT C", **setting,
+             "backbone": args.backbone, "image_size": args.size,
              "stage1_epochs": args.epochs, "lora_rank": args.rank, "stage2": STAGE2, "arms": arms, "seeds": seeds,
              "mixed_precision": args.mixed_precision, "command": "python benchmarks/peft_longtail.py "
              + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["PEFT_KINDS", "PEFT_MODULE_KINDS", "backbone_is_vit", "check_peft_backbone"]
+__all__ = ["PEFT_KINDS", "PEFT_MODULE_KINDS", "backbone_is_vit", "check_peft_backbone", "check_peft_start"]
 
 #: Every ``--peft`` kind (``models/pih2t/tuning.py``'s ``TUNING_KINDS``; tests/test_peft.py checks they agree).
 PEFT_KINDS: tuple[str, ...] = ("lora", "adaptformer", "bitfit", "vpt")
@@ -76,3 +76,17 @@ def check_peft_backbone(kind: str | None, backbone: str) -> None:
     if kind in PEFT_MODULE_KINDS and backbone_is_vit(backbone) is False:
         raise ValueError(f"--peft {kind} applies to ViT-family backbones (transformer blocks with an MLP); "
                          f"{backbone!r} is not one: use --peft lora or --peft bitfit")
+
+
+def check_peft_start(init_from: str | None) -> None:
+    """Raise ``ValueError`` (one line) when the ``--init-from`` model was already adapted: a second module on top
+    of the first would be recorded as if it were the only one."""
+    if init_from is None:
+        return
+    try:
+        tuning = json.loads((Path(init_from).expanduser() / "config.json").read_text()).get("tuning")
+    except (OSError, ValueError):
+        return
+    if tuning:
+        raise ValueError(f"--init-from {init_from!r} was already adapted ({tuning.get('kind')}); lightweight "
+                         "fine-tuning starts from a model without a tuning module (use --stage 2 to retrain its head)")

@@ -122,7 +122,8 @@ def _expected_trainable(model, kind: str) -> set[str]:
             names.add(name)
         elif kind in ("adaptformer", "vpt") and name.startswith("pih2t.tuning."):
             names.add(name)
-        elif kind == "bitfit" and name.startswith("pih2t.backbone.") and (name.endswith(".bias") or name in norm_params):
+        elif kind == "bitfit" and name.startswith("pih2t.backbone.") and (
+                name.endswith(".bias") or name in norm_params):
             names.add(name)
     return names
 
@@ -177,15 +178,19 @@ def test_the_light_kind_lists_agree_with_the_model_code():
     assert PEFT_KINDS == TUNING_KINDS and PEFT_MODULE_KINDS == MODULE_KINDS
 
 
-def test_vpt_keeps_the_token_count_of_every_block():
-    model = _model("timm_vit")
+@pytest.mark.parametrize("key", VIT_KEYS)
+def test_vpt_keeps_the_token_count_of_every_block(key):
+    model = _model(key)
     x = _input(model)
     with torch.no_grad():
-        ref = model.pih2t(x, output_hidden_states=True).hidden_states
+        ref = model.pih2t(x, output_hidden_states=True)
     adapt(model, resolve_spec(model, "vpt", prompts=4))
     with torch.no_grad():
         out = model.pih2t(x, output_hidden_states=True)
-    assert [h.shape for h in out.hidden_states] == [h.shape for h in ref]
+    assert out.last_hidden_state.shape == ref.last_hidden_state.shape
+    # every block's output; transformers records block 0's *input* (with its prompts) as its first hidden state
+    first = 0 if key.startswith("timm") else 1
+    assert [h.shape for h in out.hidden_states[first:]] == [h.shape for h in ref.hidden_states[first:]]
 
 
 # ---------------------------------------------------------------------------------------------- save, load, export
@@ -280,19 +285,25 @@ def test_model_card_states_the_tuning():
 
 TINY = ["--pretrained", "false", "--dataset", "digits", "--image-size", "32", "--max-per-class", "60",
         "--imbalance-ratio", "10", "--test-per-class", "20"]
+PEFT = ["--stage1-mode", "peft", "--peft"]
 ERRORS = [
-    (["--backbone", "test_resnet", "--stage1-mode", "peft", "--peft", "lorra"], "unknown --peft kind 'lorra' (did you mean lora?)"),
-    (["--backbone", "test_resnet", "--stage1-mode", "peft", "--peft", "lora", "--peft-rank", "0"], "peft_rank must be >= 1, got 0"),
-    (["--backbone", "test_resnet", "--stage1-mode", "peft", "--peft", "adaptformer"], "--peft adaptformer applies to ViT-family backbones"),
-    (["--backbone", "effnet_lite0", "--stage1-mode", "peft", "--peft", "vpt"], "--peft vpt applies to ViT-family backbones"),
-    (["--backbone", "test_resnet", "--peft", "lora"], "--peft lora needs --stage1-mode peft (got --stage1-mode linear)"),
-    (["--backbone", "test_resnet", "--stage1-mode", "peft"], "--stage1-mode peft needs --peft: one of lora, adaptformer"),
-    (["--backbone", "test_vit", "--stage1-mode", "peft", "--peft", "vpt", "--export", "timm"], "--peft vpt adds modules plain timm does not have"),
+    (["--backbone", "test_resnet", *PEFT, "lorra"], "unknown --peft kind 'lorra' (did you mean lora?)"),
+    (["--backbone", "test_resnet", *PEFT, "lora", "--peft-rank", "0"], "peft_rank must be >= 1, got 0"),
+    (["--backbone", "test_resnet", *PEFT, "adaptformer"], "--peft adaptformer applies to ViT-family backbones"),
+    (["--backbone", "effnet_lite0", *PEFT, "vpt"], "--peft vpt applies to ViT-family backbones"),
+    (["--backbone", "test_resnet", "--peft", "lora"], "--peft lora needs --stage1-mode peft (got --stage1-mode linea"),
+    (["--backbone", "test_resnet", "--stage1-mode", "peft"], "--stage1-mode peft needs --peft: one of lora, adaptform"),
+    (["--backbone", "test_vit", *PEFT, "vpt", "--export", "timm"], "--peft vpt adds modules plain timm does not have"),
+    (["--init-from", "{tmp}/adapted", *PEFT, "bitfit"], "was already adapted (lora); lightweight fine-tuning starts"),
 ]
 
 
 @pytest.mark.parametrize("extra, words", ERRORS, ids=[e[1][:30] for e in ERRORS])
 def test_bad_peft_flags_are_one_line_before_torch(tmp_path, extra, words):
+    (tmp_path / "adapted").mkdir()
+    (tmp_path / "adapted" / "config.json").write_text(json.dumps(
+        {"model_type": "pih2t", "backbone": "test_resnet", "backbone_source": "timm", "tuning": {"kind": "lora"}}))
+    extra = [a.format(tmp=tmp_path) for a in extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-X", "importtime", "recipes/finetune.py", *TINY, *extra,
                            "--output-dir", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -385,3 +396,83 @@ def test_the_comparison_starts_from_an_adapted_backbone(tmp_path):
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "cmp" / "best_model").eval()
     assert loaded.pih2t.tuning is not None and torch.equal(
         loaded.pih2t.tuning.blocks[0].up_proj.weight, model.pih2t.tuning.blocks[0].up_proj.weight)
+
+
+@pytest.mark.parametrize("kind", ["lora", "bitfit"])
+def test_a_peft_run_resumes_mid_epoch_bitwise(tmp_path, kind):
+    """Stopped after 3 peft steps (checkpoint 2, mid-epoch, LoRA layers in the checkpointed model), then
+    ``resume=True``: the saved model, the stage-1 history and the test numbers equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from pih2t_hub.training.config import RunConfig
+    from pih2t_hub.training.loop import StopAfterSteps
+    from pih2t_hub.training.run import run
+
+    def cfg(out: Path, **extra) -> RunConfig:
+        return RunConfig(backbone="test_resnet", pretrained=False, dataset="digits", image_size=32, max_per_class=60,
+                         imbalance_ratio=10.0, test_per_class=20, batch_size=32, stage1_mode="peft", peft=kind,
+                         stage1_epochs=2, stage2_epochs=1, checkpoint_every=2, output_dir=str(out), **extra)
+
+    ref = run(cfg(tmp_path / "ref"))
+    partial = run(cfg(tmp_path / "cut"), callbacks=[StopAfterSteps(3)])
+    assert "test" not in partial
+    resumed = run(cfg(tmp_path / "cut", resume=True))
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("stage1", "test"):
+        assert json.dumps(resumed[key], sort_keys=True) == json.dumps(ref[key], sort_keys=True)
+
+
+def test_five_crops_are_the_corners_and_centre_of_the_enlarged_image():
+    """LIFT's test-time ensemble input, against crops cut by hand from the resized image."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from pih2t_hub.training.lightweight import FiveCrops
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    dc = {"input_size": [3, 32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
+    crops = FiveCrops(dc)(image)
+    assert crops.shape == (5, 3, 32, 32)
+    big = TF.to_tensor(TF.resize(image, 56))  # short side 32 + 24 = 56: (56, 70)
+    assert big.shape[1:] == (56, 70)
+    mean, std = torch.tensor(dc["mean"])[:, None, None], torch.tensor(dc["std"])[:, None, None]
+    by_hand = [big[:, :32, :32], big[:, :32, -32:], big[:, -32:, :32], big[:, -32:, -32:], big[:, 12:44, 19:51]]
+    for crop, ref in zip(crops, by_hand):
+        torch.testing.assert_close(crop, (ref - mean) / std)
+
+
+def test_tta_reports_the_averaged_five_crop_logits(tmp_path):
+    """``tta=True`` adds a ``test_tta`` row: the saved model's logits averaged over five crops, recomputed here."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from pih2t_hub.data.splits import load_splits
+    from pih2t_hub.training.config import RunConfig
+    from pih2t_hub.training.run import run
+
+    cfg = RunConfig(backbone="test_resnet", pretrained=False, dataset="digits", image_size=32, max_per_class=60,
+                    imbalance_ratio=10.0, test_per_class=20, stage1_mode="peft", peft="bitfit", stage1_epochs=1,
+                    stage2_epochs=1, batch_size=64, tta=True, output_dir=str(tmp_path / "out"))
+    results = run(cfg)
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out" / "model").eval()
+    dc = model.config.backbone_data_config
+    mean, std = torch.tensor(dc["mean"])[:, None, None], torch.tensor(dc["std"])[:, None, None]
+    data = load_splits(cfg)
+    test = data["test"]
+    image_col = next(k for k, f in test.features.items() if type(f).__name__ == "Image")
+    logits, labels = [], []
+    for row in test:
+        image = row[image_col]
+        image = (image if isinstance(image, Image.Image) else Image.open(image["path"])).convert("RGB")
+        big = TF.to_tensor(TF.resize(image, 32 + 24, interpolation=TF.InterpolationMode.BICUBIC
+                                     if dc.get("interpolation") == "bicubic" else TF.InterpolationMode.BILINEAR))
+        crops = torch.stack([(c - mean) / std for c in TF.five_crop(big, [32, 32])])
+        with torch.no_grad():
+            logits.append(model(crops).logits.mean(0))
+        labels.append(int(row[data["label_column"]]))
+    assert _balanced((torch.stack(logits), torch.tensor(labels))) == pytest.approx(results["test_tta"]["balanced"],
+                                                                                  abs=1e-6)

@@ -120,6 +120,8 @@ class RunConfig:
                         "LIFT's 'cosine', or 'linear' (exportable to plain timm)", ("cosine", "linear"))
     peft_scale: float = _f(25.0, "stages", "scale s of the peft head's logits s·cos(w, f) (> 0)")
     peft_tau: float = _f(1.0, "stages", "τ of the peft stage's logit-adjusted loss (>= 0)")
+    tta: bool = _f(False, "stages", "also report test accuracy with LIFT's test-time ensemble (logits of five crops "
+                   "of the image resized to the input size + 24 px, averaged); the saved model is single-crop")
     # training
     grad_accum: int = _f(1, "training", "gradient accumulation steps (>= 1)")
     mixed_precision: str = _f("no", "training", "autocast dtype; resolved to what the device supports (recorded)",

@@ -10,12 +10,15 @@ Stage 2 then runs on the adapted backbone's cached features, as after any stage 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.samplers import InstanceSampler
+from ..data.transforms import ImageTransform, apply_transform
 from ..evaluation.metrics import longtail_metrics
 from ..losses import build_loss
 from ..models.adapt import adapt, resolve_spec
@@ -92,6 +95,9 @@ def peft_stage1(ctx: RunContext) -> LoopState:
     """Train the tuning module and the head on augmented images; the model is left with its best weights, LoRA
     merged, and ``config.tuning`` recording the kind, its sizes and the trainable parameters."""
     cfg, acc = ctx.cfg, ctx.accelerator
+    if getattr(ctx.model.config, "tuning", None):  # before any extraction (the CLI refuses it earlier still)
+        raise ValueError(f"the start model was already adapted ({ctx.model.config.tuning.get('kind')}); lightweight "
+                         "fine-tuning starts from a model without a tuning module")
     ctx.model.classifier = _start_head(ctx)
     targets = [t.strip() for t in cfg.peft_targets.split(",") if t.strip()] if cfg.peft_targets else None
     spec = resolve_spec(ctx.model, cfg.peft, rank=cfg.peft_rank, alpha=cfg.peft_alpha, targets=targets,
@@ -131,4 +137,40 @@ def peft_stage1(ctx: RunContext) -> LoopState:
     return state
 
 
-__all__ = ["peft_stage1", "class_mean_head"]
+class FiveCrops:
+    """LIFT's test-time ensemble input: resize the short side to the input size + ``expand`` pixels, take the four
+    corner crops and the centre crop at the input size, normalise each: a ``5×C×H×W`` tensor per image."""
+
+    def __init__(self, data_config: dict[str, Any], expand: int = 24) -> None:
+        from torchvision import transforms as T
+
+        _, h, w = (int(v) for v in data_config["input_size"])
+        mode = str(data_config.get("interpolation", "bilinear"))
+        modes = {"bicubic": T.InterpolationMode.BICUBIC, "nearest": T.InterpolationMode.NEAREST}
+        self.resize = T.Resize(min(h, w) + int(expand), interpolation=modes.get(mode, T.InterpolationMode.BILINEAR))
+        self.crops = T.FiveCrop((h, w))
+        self.normalize = T.Compose([T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return torch.stack([self.normalize(crop) for crop in self.crops(self.resize(image))])
+
+    def __repr__(self) -> str:
+        return f"FiveCrops({self.resize!r}, {self.crops!r}, {self.normalize!r})"
+
+
+@torch.no_grad()
+def tta_metrics(ctx: RunContext, split: str = "test") -> dict[str, Any]:
+    """Long-tail metrics of the saved model with LIFT's test-time ensemble: the logits of five crops averaged."""
+    ds = apply_transform(ctx.data[split], ImageTransform(FiveCrops(ctx.data_config), "LIFT five crops"),
+                         image_column=ctx.cfg.image_column, label_column=ctx.data["label_column"])
+    loader = ctx.accelerator.prepare(DataLoader(ds, batch_size=ctx.cfg.batch_size, num_workers=ctx.cfg.num_workers))
+    model = ctx.model.eval()
+
+    def ensemble(x: torch.Tensor) -> torch.Tensor:
+        return model(x.flatten(0, 1)).logits.view(x.shape[0], x.shape[1], -1).mean(1)
+
+    logits, y = predict_logits(ctx.accelerator, ensemble, loader)
+    return longtail_metrics(logits, y, ctx.counts)
+
+
+__all__ = ["peft_stage1", "class_mean_head", "FiveCrops", "tta_metrics"]

@@ -84,8 +84,9 @@ def _check_backbone(cfg: RunConfig) -> None:
 def _check_peft(cfg: RunConfig) -> None:
     """``--peft adaptformer`` / ``vpt`` on a backbone known to be a CNN (alias, timm name, config.json on disk)."""
     if cfg.stage1_mode == "peft" and cfg.stage in ("1", "both"):
-        from .._tuning_names import check_peft_backbone
+        from .._tuning_names import check_peft_backbone, check_peft_start
 
+        check_peft_start(cfg.init_from)
         check_peft_backbone(cfg.peft, cfg.init_from or cfg.backbone)
 
 

@@ -86,7 +86,8 @@ def execute(cfg: RunConfig, accelerator: Any | None = None,
     if stage1 is not None:
         results["stage1"] = {"best_epoch": stage1.best_epoch, "history": stage1.history}
         if ctx.features:
-            results["stage1"]["test"] = rows[_stage1_label(ctx)] = summarize(ctx.eval_head(ctx.model.classifier, "test"))
+            results["stage1"]["test"] = rows[_stage1_label(ctx)] = summarize(
+                ctx.eval_head(ctx.model.classifier, "test"))
     if cfg.stage in ("2", "both"):
         stage2 = train_stage2(ctx, results)
         if stage2 is not None and stage2.stopped:
@@ -96,6 +97,10 @@ def execute(cfg: RunConfig, accelerator: Any | None = None,
     final = evaluate_saved_model(ctx)  # the test split, once, on the model that is saved
     label = ctx.method.name if cfg.stage in ("2", "both") else _stage1_label(ctx)  # no stage 2: not the method's row
     results["test"] = rows[label] = summarize(final)
+    if cfg.tta:  # an extra row: the saved model itself classifies one crop
+        from .lightweight import tta_metrics
+
+        results["test_tta"] = rows[f"{label} + TTA"] = summarize(tta_metrics(ctx))
     results["per_class"] = [float(a) for a in final["per_class"]]
     results["table"] = rows
     _write(ctx, results, rows)

@@ -8,8 +8,9 @@ copied next to every checkpoint, like its siblings; it needs torch only, never `
   stream ``x`` entering the block's second norm, added to the MLP's output. Down-projection Kaiming-normal, the
   up-projection and both biases zero, ``scale`` 1: the adapted backbone starts equal to the pretrained one.
 * **VPT (deep)**: at every block, ``P`` learnable prompt tokens are appended after the sequence and their outputs
-  dropped after the block, so every block sees fresh prompts and the backbone's own tokens (and hidden states)
-  keep their shape. Uniform init in ``±sqrt(6 / (3·patch_area + d))``, LIFT's.
+  dropped after the block, so every block sees fresh prompts and the backbone's own tokens (and every block's
+  output in the hidden states) keep their shape; transformers' first hidden state, recorded as block 0's input,
+  shows block 0's prompts appended. Uniform init in ``±sqrt(6 / (3·patch_area + d))``, LIFT's.
 
 The other two kinds leave no module behind: LoRA (trained through Hugging Face ``peft``) is merged into the weights
 at save, and BitFit only changes biases and norm parameters. ``PIH2TConfig.tuning`` records the kind and its sizes
@@ -170,7 +171,8 @@ class TuningModules(nn.Module):
             self.blocks = nn.ModuleList(Prompts(length, dim, patch_area) for _ in blocks)
             for block, prompts in zip(blocks, self.blocks):
                 self.handles.append(block.register_forward_pre_hook(prompts.before_block, with_kwargs=True))
-                self.handles.append(block.register_forward_hook(prompts.after_block, with_kwargs=True))
+                # prepended: hooks that record a block's output (transformers' hidden states) see it without prompts
+                self.handles.append(block.register_forward_hook(prompts.after_block, with_kwargs=True, prepend=True))
         else:
             raise ValueError(f"tuning kind {kind!r} leaves no module in the model; modules exist for {MODULE_KINDS}")
 
