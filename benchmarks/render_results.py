@@ -1,6 +1,7 @@
 """Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edited by hand).
 
-Five blocks: the default run's table and time (``default_run.json``), the fair comparison (``compare_*.json``), the
+Six blocks: the default run's table and time (``default_run.json``), the cached-vs-online stage-2 epoch ratio
+(``speed_stage2_epoch.json``), the fair comparison (``compare_*.json``), the
 choice of H2TF's default distance (``h2tf_distance.json``), PI-H2T against H2T (from the comparisons) and the PIF
 stage-1 study (``pif_study.json``).
 
@@ -223,11 +224,20 @@ def render_default_run() -> str:
         f"torch {machine['torch']}.)"])
 
 
+def render_epoch_speedup() -> str:
+    """The cached-vs-online stage-2 epoch ratio, inline in the README's speed paragraph."""
+    record = json.loads((RESULTS / "speed_stage2_epoch.json").read_text())
+    return f"{record['a_epoch_cached_vs_online']['speedup_per_epoch']:.0f}×"
+
+
 BLOCKS = {("<!-- default-run:start -->", "<!-- default-run:end -->"): render_default_run,
+          ("<!-- stage2-epoch-speedup:start -->", "<!-- stage2-epoch-speedup:end -->"): render_epoch_speedup,
           ("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
           ("<!-- pif-study:start -->", "<!-- pif-study:end -->"): render_pif,
           ("<!-- h2tf-distance:start -->", "<!-- h2tf-distance:end -->"): render_distance,
           ("<!-- pi-h2t:start -->", "<!-- pi-h2t:end -->"): render_pih2t}
+
+INLINE = {"<!-- stage2-epoch-speedup:start -->"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     for (start, end), make in BLOCKS.items():
         head, rest = new.split(start, 1)
         _, tail = rest.split(end, 1)
-        new = f"{head}{start}\n{make()}\n{end}{tail}"
+        nl = "" if start in INLINE else "\n"  # an inline value stays inside its sentence
+        new = f"{head}{start}{nl}{make()}{nl}{end}{tail}"
     if args.check:
         return 0 if new == readme else 1
     (ROOT / "README.md").write_text(new)
