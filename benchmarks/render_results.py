@@ -1,8 +1,9 @@
 """Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edited by hand).
 
-Six blocks: the default run's table and time (``default_run.json``), the fair comparison (``compare_*.json``), the
-choice of H2TF's default distance (``h2tf_distance.json``), PI-H2T against H2T (from the comparisons), the PIF
-stage-1 study (``pif_study.json``) and the stage-1 retrofits with lightweight fine-tuning (``peft_longtail.json``).
+Seven blocks: the default run's table and time (``default_run.json``), the cached-vs-online stage-2 epoch ratio
+(``speed_stage2_epoch.json``), the fair comparison (``compare_*.json``), the choice of H2TF's default distance
+(``h2tf_distance.json``), PI-H2T against H2T (from the comparisons), the PIF stage-1 study (``pif_study.json``)
+and the stage-1 retrofits with lightweight fine-tuning (``peft_longtail.json``).
 
     python benchmarks/render_results.py          # rewrites the blocks between the markers in README.md
     python benchmarks/render_results.py --check  # exit 1 if README.md is not what the JSON files give
@@ -272,12 +273,21 @@ def render_peft() -> str:
     return "\n".join(lines)
 
 
+def render_epoch_speedup() -> str:
+    """The cached-vs-online stage-2 epoch ratio, inline in the README's speed paragraph."""
+    record = json.loads((RESULTS / "speed_stage2_epoch.json").read_text())
+    return f"{record['a_epoch_cached_vs_online']['speedup_per_epoch']:.0f}×"
+
+
 BLOCKS = {("<!-- default-run:start -->", "<!-- default-run:end -->"): render_default_run,
+          ("<!-- stage2-epoch-speedup:start -->", "<!-- stage2-epoch-speedup:end -->"): render_epoch_speedup,
           ("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
           ("<!-- peft-longtail:start -->", "<!-- peft-longtail:end -->"): render_peft,
           ("<!-- pif-study:start -->", "<!-- pif-study:end -->"): render_pif,
           ("<!-- h2tf-distance:start -->", "<!-- h2tf-distance:end -->"): render_distance,
           ("<!-- pi-h2t:start -->", "<!-- pi-h2t:end -->"): render_pih2t}
+
+INLINE = {"<!-- stage2-epoch-speedup:start -->"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     for (start, end), make in BLOCKS.items():
         head, rest = new.split(start, 1)
         _, tail = rest.split(end, 1)
-        new = f"{head}{start}\n{make()}\n{end}{tail}"
+        nl = "" if start in INLINE else "\n"  # an inline value stays inside its sentence
+        new = f"{head}{start}{nl}{make()}{nl}{end}{tail}"
     if args.check:
         return 0 if new == readme else 1
     (ROOT / "README.md").write_text(new)
