@@ -191,9 +191,9 @@ class _BlockMatmul(torch.autograd.Function):
 class MaskedLinear(nn.Module):
     """Linear layer whose dense weight is multiplied by a fixed 0/1 mask (the autoregressive wiring).
 
-    ``block_matmul`` (default on): when skipping the mask's empty blocks saves at least a fifth of the products
-    (every MADE mask at the default widths), only the blocks holding non-zeros are multiplied
-    (:class:`BlockPlan`), forward and backward. The result is the dense masked product up to float rounding;
+    ``block_matmul`` (default on): in training (gradients enabled), when skipping the mask's empty blocks saves at
+    least a fifth of the products (every MADE mask at the default widths), only the blocks holding non-zeros are
+    multiplied (:class:`BlockPlan`), forward and backward; inference and export use the dense product. The result is the dense masked product up to float rounding;
     parameters, buffers and saved models are unchanged.
     """
 
@@ -224,7 +224,8 @@ class MaskedLinear(nn.Module):
         return plan if plan.work <= 0.8 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan()
+        # the block path serves training (where the cost is); inference and export keep the plain dense product
+        plan = self.plan() if torch.is_grad_enabled() and self.weight.requires_grad else None
         if plan is None:
             return F.linear(x, self.weight * self.mask, self.bias)
         return _BlockMatmul.apply(x, self.weight, self.bias, plan)
