@@ -1,8 +1,9 @@
 """Accuracy of every long-tailed method on real data with real pretrained weights, offline, by the fair comparison.
 
 Each (setting, resolution) is one :func:`pih2t_hub.compare.compare` run: frozen ImageNet EfficientNet-Lite0
-features, one linear CE head per seed (stage 1), then every method with the same Optuna budget on the validation
-split, its best configuration and its published recipe retrained for every seed and evaluated on test once.
+features, then every method with the same Optuna budget, each trial scored by stratified K-fold cross-validation on
+the pooled train and validation rows (each fold trains its own linear CE head), its best configuration and its
+published recipe retrained for every seed and evaluated on test once.
 
 Settings (exp profile, 10 % of the long-tailed train split held out for validation):
 
@@ -121,7 +122,8 @@ def run_setting(name: str, size: int, args: argparse.Namespace, memo: EncodeMemo
     base = RunConfig(**COMMON, **SETTINGS[name], image_size=size, seed=0, output_dir=str(work),
                      cache_dir=str(Path(args.workdir) / "features" / f"{name}_{size}"))
     methods = args.methods.split(",") if args.methods else None
-    cc = CompareConfig(methods=methods, trials=args.trials, seeds=args.seeds, max_epochs=args.max_epochs)
+    cc = CompareConfig(methods=methods, trials=args.trials, seeds=args.seeds, max_epochs=args.max_epochs,
+                       cv_folds=args.cv_folds, cv_repeats=args.cv_repeats, progress=not args.no_progress)
     start = time.perf_counter()
     report = compare(base, cc, progress=not args.no_progress)
     memo.save()
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the final retraining (default: 3)")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: every built-in method)")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap on stage-2 epochs per trial")
+    parser.add_argument("--cv-folds", type=int, default=5, help="folds of the cross-validation scoring every trial "
+                        "(default: 5; 1: the validation split)")
+    parser.add_argument("--cv-repeats", type=int, default=1, help="repeats of the cross-validation (default: 1)")
     parser.add_argument("--workdir", default="/tmp/pih2t_accuracy", help="studies, caches and the encode memo")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edited by hand).
 
-Five blocks: the fair comparison (``compare_*.json``), the choice of H2TF's default distance
-(``h2tf_distance.json``), PI-H2T against H2T (from the comparisons), the PIF stage-1 study (``pif_study.json``)
-and the stage-1 retrofits with lightweight fine-tuning (``peft_longtail.json``).
+Six blocks: the default run's table and time (``default_run.json``), the fair comparison (``compare_*.json``), the
+choice of H2TF's default distance (``h2tf_distance.json``), PI-H2T against H2T (from the comparisons), the PIF
+stage-1 study (``pif_study.json``) and the stage-1 retrofits with lightweight fine-tuning (``peft_longtail.json``).
 
     python benchmarks/render_results.py          # rewrites the blocks between the markers in README.md
     python benchmarks/render_results.py --check  # exit 1 if README.md is not what the JSON files give
@@ -199,6 +199,30 @@ def render_pif() -> str:
     return "\n".join(lines)
 
 
+def default_run_table(record: dict) -> str:
+    """The table the default run prints, from its ``results.json`` (stage-1 row first, as the run prints it)."""
+    from pih2t_hub.training.predict import format_table
+
+    table = record["results"]["table"]
+    order = sorted(table, key=lambda name: (not name.startswith("stage 1"), name))
+    return format_table({name: table[name] for name in order})
+
+
+def render_default_run() -> str:
+    record = json.loads((RESULTS / "default_run.json").read_text())
+    machine = record["machine"]
+    threads = machine.get("OMP_NUM_THREADS") or "default"
+    last = record["printed"].strip().splitlines()[-1]
+    load = machine["loadavg_1_5_15_at_start"][0]
+    return "\n".join([
+        "```", default_run_table(record), last, "```", "",
+        f"(`{record['command']}` as measured by `benchmarks/default_run.py` into "
+        f"`benchmarks/results/default_run.json`: seed 0, {record['wall_s']:.0f} s wall time and "
+        f"{record['cpu_s']:.0f} s CPU time on {machine['cpus']} cores of a shared {machine['cpu_model']} "
+        f"(load average {load:.1f} at the start, OMP_NUM_THREADS={threads}, nice {machine['niceness']}), "
+        f"torch {machine['torch']}.)"])
+
+
 PEFT_LABELS = {"linear": "linear probe (frozen backbone)", "full": "full fine-tuning", "lora": "LoRA",
                "bitfit": "BitFit", "adaptformer": "AdaptFormer", "vpt": "VPT (deep)"}
 
@@ -239,7 +263,8 @@ def render_peft() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
+BLOCKS = {("<!-- default-run:start -->", "<!-- default-run:end -->"): render_default_run,
+          ("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
           ("<!-- peft-longtail:start -->", "<!-- peft-longtail:end -->"): render_peft,
           ("<!-- pif-study:start -->", "<!-- pif-study:end -->"): render_pif,
           ("<!-- h2tf-distance:start -->", "<!-- h2tf-distance:end -->"): render_distance,

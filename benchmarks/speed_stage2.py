@@ -115,18 +115,20 @@ def plugin_fusion(method: str, cfg: Any, generator: torch.Generator, train: tupl
 def timed_loop(accelerator, head: nn.Module, loader: DataLoader, step_of: Callable, epochs: int,
                hooks: list) -> tuple[float, int]:
     """Warm up one step, then time ``epochs`` whole epochs of the real ``train_loop``; (seconds, steps)."""
-    from pih2t_hub.training.loop import EpochHook, StopAfterSteps, cosine_per_epoch, train_loop
+    from pih2t_hub.schedules import cosine_schedule
+    from pih2t_hub.training.loop import EpochHook, StopAfterSteps, train_loop
 
     opt = sgd(head)
     head_p, opt, loader_p = accelerator.prepare(head, opt, loader)
     step = step_of(head_p)
-    lr = opt.param_groups[0]["lr"]
-    kwargs = dict(trainable=head_p, optimizer=opt, loader=loader_p, step=step, lr_at_epoch=cosine_per_epoch(lr, epochs))
+    kwargs = dict(trainable=head_p, optimizer=opt, loader=loader_p, step=step)
     hooks = [EpochHook(h) for h in hooks]
     with contextlib.redirect_stderr(_Discard()):  # warm-up (allocations, oneDNN kernels)
-        train_loop(accelerator, epochs=1, callbacks=[*hooks, StopAfterSteps(1)], **kwargs)
+        train_loop(accelerator, epochs=1, lr_scheduler=cosine_schedule(opt, epochs),
+                   callbacks=[*hooks, StopAfterSteps(1)], **kwargs)
         start = time.perf_counter()
-        state = train_loop(accelerator, epochs=epochs, callbacks=hooks, **kwargs)
+        state = train_loop(accelerator, epochs=epochs, lr_scheduler=cosine_schedule(opt, epochs), callbacks=hooks,
+                           **kwargs)
         elapsed = time.perf_counter() - start
     return elapsed, state.global_step
 
@@ -141,6 +143,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     from pih2t_hub.data.features import load_or_extract
     from pih2t_hub.data.samplers import DualBranchDataset, DualBranchSampler
     from pih2t_hub.losses import build_loss
+    from pih2t_hub.methods import get_method
     from pih2t_hub.training.config import RunConfig
     from pih2t_hub.training.steps import cached_fused_features, online_fused_features
 
@@ -154,6 +157,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     labels = long_tailed_labels(args.images, args.classes, 100.0, seed=0)
     cfg = RunConfig(fusion_ratio=0.25)
     fuse = plugin_fusion("h2t", cfg, torch.Generator().manual_seed(1))
+    site = get_method("h2t").fusion_site  # "map": the un-pooled maps, as the online H2T stage 2 fuses them
     loss_fn = build_loss("ce")
     batch = args.batch
 
@@ -164,7 +168,7 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
     def online_step(head):
         def step(b):
             (xf, yf), (xg, _) = b["fused"], b["fusing"]
-            return loss_fn(head(online_fused_features(backbone, xf, xg, yf, fuse, "h2t", shift_bn=True)), yf)
+            return loss_fn(head(online_fused_features(backbone, xf, xg, yf, fuse, site, shift_bn=True)), yf)
         return step
 
     print(f"(a) online: {args.online_epochs} epoch(s) of {args.images} images at {size} px, batch {batch} ...",
@@ -201,8 +205,6 @@ def bench_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
     online_epoch = online_s / args.online_epochs
     cached_epoch = cached_s / args.cached_epochs
-    from pih2t_hub.methods import get_method
-
     stage2_epochs = get_method("h2t").recipe.epochs  # H2T's published stage-2 length
     return {
         "backbone": "effnet_lite0 (timm tf_efficientnet_lite0, "

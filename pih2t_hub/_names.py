@@ -3,8 +3,9 @@
 The method and loss registries live in modules that import torch (each method module defines ``nn.Module`` heads,
 the losses are modules), which costs seconds. The command line checks a name before anything heavy is imported, so
 the built-in names are also listed here, and ``tests/test_cli_errors.py`` checks that these lists are exactly what
-the packages register. Once :mod:`pih2t_hub.methods` / :mod:`pih2t_hub.losses` are imported (which a plug-in
-method or loss does, to register itself), the live registries answer instead, plug-ins included.
+the packages register. Methods of other installed packages are declared in the ``pih2t_hub.methods`` entry-point
+group: their names are read from the packages' metadata, without importing them. Once :mod:`pih2t_hub.methods` /
+:mod:`pih2t_hub.losses` are imported, the live registries answer instead, plug-ins included.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import difflib
 import sys
 
-__all__ = ["BUILTIN_LOSSES", "BUILTIN_METHODS", "check_loss", "check_method", "loss_key", "loss_names", "method_key",
-           "method_names", "unknown_method_message"]
+__all__ = ["BUILTIN_LOSSES", "BUILTIN_METHODS", "METHOD_ENTRY_POINTS", "check_loss", "check_method", "loss_key",
+           "loss_names", "method_entry_points", "method_key", "method_names", "unknown_method_message"]
+
+#: The entry-point group a package declares its methods in (``name = "module:Class"``).
+METHOD_ENTRY_POINTS = "pih2t_hub.methods"
 
 #: Every method ``pih2t_hub.methods`` registers (the name given to ``@register_method``).
 BUILTIN_METHODS: tuple[str, ...] = (
@@ -44,10 +48,23 @@ def _imported(module: str, attribute: str) -> object | None:
     return getattr(mod, attribute, None)
 
 
+def method_entry_points() -> list:
+    """The installed ``pih2t_hub.methods`` entry points (metadata only: nothing is imported), by name."""
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=METHOD_ENTRY_POINTS), key=lambda ep: ep.name)
+
+
 def method_names() -> list[str]:
-    """The method names, sorted: the live registry's when :mod:`pih2t_hub.methods` is imported, else the built-ins."""
+    """The method names, sorted: the live registry's when :mod:`pih2t_hub.methods` is imported, else the built-ins
+    and the names installed packages declare as entry points."""
     live = _imported("pih2t_hub.methods", "list_methods")
-    return list(live()) if callable(live) else sorted(BUILTIN_METHODS)
+    if callable(live):
+        return list(live())
+    names = {method_key(n): n for n in BUILTIN_METHODS}
+    for ep in method_entry_points():
+        names.setdefault(method_key(ep.name), ep.name)
+    return sorted(names.values())
 
 
 def loss_names() -> list[str]:

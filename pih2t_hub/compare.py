@@ -2,19 +2,24 @@
 
 One feature cache, many methods, the same rules for all:
 
-1. the frozen backbone's train and validation features are extracted once; one linear CE head per seed is trained
-   on them (stage 1, shared by every method);
-2. every method gets **the same tuning budget**: ``trials`` Optuna trials (TPE, seeded) over the search space the
-   method declares, each trial trained on train and scored on the validation split only. The method's published
-   recipe is the first trial, so tuning never ends below it on validation. A method without hyper-parameters
-   (NCM, τ-norm, which picks τ on validation itself) needs one trial;
+1. the frozen backbone's train and validation features are extracted once;
+2. every method gets **the same tuning budget**: ``trials`` Optuna trials (TPE, seeded per trial) over the search
+   space the method declares. A trial is scored by stratified K-fold cross-validation on the pooled train and
+   validation rows (:mod:`pih2t_hub.data.folds`; every image validates once per repeat): each fold trains its own
+   linear CE head (stage 1) on its training part, then the method, and is scored by balanced accuracy on its
+   validation part; the trial's score is the mean over folds x repeats, its spread is kept. The method's
+   published recipe is the first trial. A method without hyper-parameters (NCM, τ-norm) needs one trial.
+   ``--cv-folds 1`` scores on the validation split instead;
 3. only after every study has finished is the test split read: each method's best configuration, and its
-   published recipe untuned, are retrained for every seed and evaluated on test once per (method, seed);
-4. "X + H2T" and "X + PI-H2T" take the best loss X (chosen on validation) with X's tuned loss arguments fixed
-   and get the same budget over the fusion method's own space.
+   published recipe untuned, are retrained for every seed exactly as ``recipes/finetune.py`` trains them (linear
+   stage 1 on the train split, in-fit choices such as the best epoch on the validation split) and evaluated on
+   test once per (method, seed);
+4. "X + H2T" and "X + PI-H2T" take the best loss X (chosen on the selection score) with X's tuned loss arguments
+   fixed and get the same budget over the fusion method's own space.
 
 Studies live in an Optuna RDB storage (SQLite in the output folder by default, any URL with ``--storage``), so an
-interrupted comparison resumes where it stopped and several machines can share one study.
+interrupted comparison resumes where it stopped, and ends with the same table as one run straight through;
+several machines can share one study.
 """
 
 from __future__ import annotations
@@ -32,30 +37,12 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_write_text
-from .methods import get_method, list_methods
-from .methods.pi_h2t import DEFAULT_DISTANCE, DEFAULT_MAPPING
+from .compare_config import CompareConfig
+from .methods import fusion_methods, get_method, list_methods
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
 
-SCHEMA = "pih2t_hub.compare/1"
-FUSION_METHODS = ("h2t", "pi-h2t")
-
-
-@dataclass
-class CompareConfig:
-    """What to compare and with which budget (data, backbone and stage-1 settings come from a :class:`RunConfig`)."""
-
-    methods: list[str] | None = None  # None: every built-in stage-2 method
-    trials: int = 16  # tuning budget per method (Optuna trials on the validation split)
-    seeds: int = 3  # seeds of the final retraining; each is evaluated on test once
-    storage: str | None = None  # Optuna RDB URL; None: sqlite:///<output_dir>/study.db
-    combos: bool = True  # add "X + H2T" and "X + PI-H2T" for the best loss X
-    sampler_seed: int = 0  # seed of the TPE sampler
-    plot_top: int = 4  # methods drawn in the accuracy-vs-frequency plot
-    max_epochs: int | None = None  # cap on the stage-2 epochs of every trial and retraining (cost control)
-
-    def storage_url(self, output_dir: str | Path) -> str:
-        return self.storage or f"sqlite:///{Path(output_dir).resolve() / 'study.db'}"
+SCHEMA = "pih2t_hub.compare/2"
 
 
 @dataclass(frozen=True)
@@ -71,16 +58,11 @@ class Candidate:
 
 
 def check_inputs(cc: CompareConfig, base: RunConfig) -> list[str]:
-    """Everything that can be refused before any extraction: names, budget, validation split, storage."""
+    """Everything that can be refused before any extraction: names, budget, folds, validation split, storage."""
+    cc.validate()
     methods = list(cc.methods) if cc.methods else default_methods()
     for name in methods:
         get_method(name)  # ValueError naming close ones
-    if cc.trials < 1:
-        raise ValueError(f"--trials must be >= 1 (the tuning budget per method), got {cc.trials}")
-    if cc.max_epochs is not None and cc.max_epochs < 1:
-        raise ValueError(f"--max-epochs must be >= 1, got {cc.max_epochs}")
-    if cc.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {cc.seeds}")
     if not base.val_fraction or base.val_fraction <= 0:
         raise ValueError("the comparison tunes on a validation split: --val-fraction must be > 0")
     if cc.storage is None:  # the default SQLite study lives in the output folder
@@ -110,10 +92,23 @@ def _open_storage(url: str) -> Any:
 # ---------------------------------------------------------------------------------------------- the shared bench
 
 
-class Bench:
-    """Data, model, cached train/val features and one stage-1 head per seed, shared by every trial."""
+@dataclass
+class Part:
+    """Rows one fit trains and validates on, and the stage-1 head it starts from: a cross-validation fold, or the
+    train / validation split itself (the final retraining, ``--cv-folds 1``)."""
 
-    def __init__(self, base: RunConfig, seeds: int, progress: bool = True, max_epochs: int | None = None) -> None:
+    seed: int
+    features: dict[str, Any]  # "train" and "val" feature datasets
+    counts: np.ndarray  # training images per class of this part (what the method's priors see)
+    head: torch.nn.Module | None = None  # its stage-1 head, trained on first use
+
+
+class Bench:
+    """Data, model, cached train/val features, the cross-validation folds and their stage-1 heads, shared by every
+    trial; the final retraining on the train / validation split, and the only read of the test split."""
+
+    def __init__(self, base: RunConfig, seeds: int, progress: bool = True, max_epochs: int | None = None,
+                 cv_folds: int = 1, cv_repeats: int = 1) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -124,48 +119,102 @@ class Bench:
         self.base = base  # stage-2 values stay unset: each method resolves its own recipe
         self.accelerator = Accelerator(mixed_precision=base.mixed_precision)
         self.data = load_splits(self.base)
-        set_seed(self.base.seed)
+        pooled = len(self.data["train"]) + len(self.data["val"])
+        if cv_folds > pooled:
+            raise ValueError(f"--cv-folds {cv_folds} is larger than the {pooled} pooled train and validation rows")
+        set_seed(self.base.seed)  # as a run does: the model (and its initial head) from the run's seed
         self.ctx = make_context(self.base, self.accelerator, self.data, get_method("ce")(self.base))
         self.ctx.checkpoints, self.ctx.progress = False, progress
+        self.initial_head = copy.deepcopy(self.ctx.model.classifier)  # where the run's own stage 1 starts
         extract_features(self.ctx, ("train", "val"))  # test: only at the final evaluation
-        self.heads = {s: self._stage1_head(s) for s in range(seeds)}
+        self.final = {s: self._split_part(s) for s in range(seeds)}
+        self.folds = self._cv_parts(cv_folds, cv_repeats)
         self.test_evaluations = 0
         self.max_epochs = max_epochs
 
-    def _stage1_head(self, seed: int) -> torch.nn.Module:
+    def _split_part(self, seed: int) -> Part:
+        return Part(seed, {k: self.ctx.features[k] for k in ("train", "val")}, self.data["class_counts"])
+
+    def _cv_parts(self, k: int, repeats: int) -> list[Part]:
+        """One part per (repeat, fold) of the pooled rows; ``k == 1``: the validation split, one seed per repeat.
+
+        A class whose every pooled image validates in one fold (a single image) has no training image there: its
+        count is taken as 1 so that count-based priors (logit adjustment, balanced softmax, class-balanced weights)
+        stay finite; its validation image is scored like any other.
+        """
+        from torch.utils.data import TensorDataset
+
+        from .data.folds import cv_folds
+
+        if k == 1:
+            return [self.final.get(r) or self._split_part(r) for r in range(repeats)]
+        tr, va = self.ctx.features["train"].tensors, self.ctx.features["val"].tensors
+        x, y = torch.cat([tr[0], va[0]]), torch.cat([tr[1], va[1]])
+        n = self.data["num_classes"]
+        parts = []
+        for fold in cv_folds(y.numpy(), k, repeats, seed=self.base.seed):
+            train, val = torch.as_tensor(fold.train), torch.as_tensor(fold.val)
+            counts = np.maximum(np.bincount(y[train].numpy(), minlength=n), 1)
+            parts.append(Part(fold.repeat, {"train": TensorDataset(x[train], y[train]),
+                                            "val": TensorDataset(x[val], y[val])}, counts))
+        return parts
+
+    def _context(self, cfg: RunConfig, method: Any, part: Part, model: Any) -> Any:
+        from .training.context import RunContext
+
+        return RunContext(accelerator=self.accelerator, cfg=cfg, method=method,
+                          data={**self.data, "class_counts": part.counts}, model=model, train_tf=self.ctx.train_tf,
+                          eval_tf=self.ctx.eval_tf, features=dict(part.features),
+                          fusion_generator=torch.Generator().manual_seed(cfg.seed + 1), checkpoints=False,
+                          progress=False)
+
+    def _stage1_head(self, part: Part) -> torch.nn.Module:
+        """The part's linear CE head on its training rows. The run's seed starts from the model's own initial head
+        (so the final retraining of that seed is the run ``recipes/finetune.py`` makes); other seeds from a head
+        initialised after seeding with theirs."""
         from accelerate.utils import set_seed
 
         from .models.pih2t.heads import build_head
         from .training.stage1 import linear_stage1
 
-        c = self.ctx.model.config
-        set_seed(seed)
-        self.ctx.model.classifier = build_head(c.head_type, c.num_features, c.num_labels, bias=c.head_bias,
-                                               scale=c.cosine_scale)
-        self.ctx.cfg = dataclasses.replace(self.base, seed=seed)
-        linear_stage1(self.ctx)
-        return copy.deepcopy(self.ctx.model.classifier)
+        if part.head is None:
+            c = self.ctx.model.config
+            set_seed(part.seed)
+            head = (copy.deepcopy(self.initial_head) if part.seed == self.base.seed else
+                    build_head(c.head_type, c.num_features, c.num_labels, bias=c.head_bias, scale=c.cosine_scale))
+            model = copy.deepcopy(self.ctx.model)
+            model.classifier = head
+            ctx = self._context(dataclasses.replace(self.base, seed=part.seed), self.ctx.method, part, model)
+            linear_stage1(ctx)
+            part.head = copy.deepcopy(head)
+        return part.head
 
-    def fit(self, cand: Candidate, overrides: dict[str, Any], seed: int) -> tuple[Any, dict[str, float], dict]:
-        """Train the candidate with ``overrides`` from seed ``seed``'s stage-1 head; validation metrics only."""
-        from .training.context import RunContext
+    def fit(self, cand: Candidate, overrides: dict[str, Any], part: Part) -> tuple[Any, dict[str, float], dict]:
+        """Train the candidate with ``overrides`` on the part's training rows from its stage-1 head; the part's
+        validation metrics only."""
+        from accelerate.utils import set_seed
+
         from .training.stage2 import method_context, run_stage2
 
         cls = get_method(cand.method)
-        cfg = cls.resolve(_merge(dataclasses.replace(self.base, method=cand.method, seed=seed), cand.fixed,
+        cfg = cls.resolve(_merge(dataclasses.replace(self.base, method=cand.method, seed=part.seed), cand.fixed,
                                  overrides)).validate()
         if self.max_epochs is not None and cfg.stage2_epochs is not None:
             cfg = dataclasses.replace(cfg, stage2_epochs=min(cfg.stage2_epochs, self.max_epochs))
+        head = self._stage1_head(part)
+        set_seed(part.seed)  # a fit never depends on what ran before it in the process (resumed = straight through)
         method = cls(cfg)
         model = copy.deepcopy(self.ctx.model)
-        model.classifier = copy.deepcopy(self.heads[seed])
-        ctx = RunContext(accelerator=self.accelerator, cfg=cfg, method=method, data=self.data, model=model,
-                         train_tf=self.ctx.train_tf, eval_tf=self.ctx.eval_tf, features=self.ctx.features,
-                         fusion_generator=torch.Generator().manual_seed(seed + 1), checkpoints=False, progress=False)
+        model.classifier = copy.deepcopy(head)
+        ctx = self._context(cfg, method, part, model)
         mctx = method_context(ctx, {})
         _, head = run_stage2(ctx, mctx)
         model = method.export(model, head, mctx)
         return model, summarize(ctx.eval_head(model.classifier, "val")), mctx.results
+
+    def score(self, cand: Candidate, overrides: dict[str, Any]) -> list[float]:
+        """Validation balanced accuracy of every cross-validation part (the selection score's sample)."""
+        return [self.fit(cand, overrides, part)[1]["balanced"] for part in self.folds]
 
     def test_metrics(self, model: Any) -> dict[str, Any]:
         """The only place the test split is read (its features are extracted on the first call)."""
@@ -205,45 +254,98 @@ class _Probe:
         return choices[0]
 
 
-DEFAULT_PARAMS = {"tau": 1.0, "gamma": 2.0, "beta": 0.9999, "max_m": 0.5, "fusion_ratio": 0.25,
-                  "h2tf_mode": "interpolate", "distance": DEFAULT_DISTANCE, "mapping": DEFAULT_MAPPING}
-
-
 def _default_trial(cand: Candidate, base: RunConfig) -> dict[str, Any]:
-    """The published recipe as trial parameters (enqueued first)."""
+    """The published recipe and the method's published values of what it searches, as trial parameters (enqueued
+    first)."""
     cfg = get_method(cand.method).resolve(_merge(dataclasses.replace(base, method=cand.method), cand.fixed))
     recipe = {f"stage2_{k}": getattr(cfg, f"stage2_{k}") for k in ("lr", "weight_decay", "epochs")}
-    return {**DEFAULT_PARAMS, **recipe}
+    return {**get_method(cand.method).default_trial(), **recipe}
 
 
-def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: Any = None) -> dict[str, Any]:
-    """Run the candidate's study up to the budget (resuming a stored one); its best trial's overrides."""
+def _trial_seeded_tpe(seed: int) -> Any:
+    """A TPE sampler whose random state is re-derived before every trial from (seed, trials completed before it).
+
+    Optuna's sampler draws from one random stream for the life of the process, so a study resumed in a new
+    process drew other configurations than the same study run straight through (and could pick another winner).
+    Seeding each trial from the number of trials completed before it makes the k-th trial's draw the same either
+    way: the completed trials (values included) are the same, and so is the state they are drawn from.
+    """
+    import optuna
+
+    class TrialSeededTPE(optuna.samplers.TPESampler):
+        def before_trial(self, study: Any, trial: Any) -> None:
+            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            state = int(np.random.SeedSequence([seed, done]).generate_state(1)[0])
+            self._rng.rng.seed(state)
+            self._random_sampler._rng.rng.seed(state)
+            super().before_trial(study, trial)
+
+    return TrialSeededTPE(seed=seed)
+
+
+def _clean_running(study: Any, exclusive: bool) -> None:
+    """Fail the trials a killed process left RUNNING, so that they are redone and no sampler counts them.
+
+    ``exclusive``: the study lives in this comparison's own (locked) output folder, so every RUNNING trial is a
+    dead one; in a shared storage only those whose heartbeat stopped are.
+    """
     import warnings
 
     import optuna
 
+    if not exclusive:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+
+
+def _enqueue_recipe(study: Any, cand: Candidate, base: RunConfig) -> None:
+    """The published recipe is the study's first trial: enqueued unless it finished or waits (again after a kill
+    during it)."""
+    import optuna
+
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
+    if not any("fixed_params" in t.system_attrs for t in study.get_trials(deepcopy=False, states=live)):
+        study.enqueue_trial(_default_trial(cand, base))
+
+
+def _open_study(cand: Candidate, cc: CompareConfig, storage: Any, exclusive: bool) -> Any:
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
+    study = optuna.create_study(study_name=cand.label, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=_trial_seeded_tpe(cc.sampler_seed))
+    _clean_running(study, exclusive)
+    return study
+
+
+def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: Any = None,
+         exclusive: bool = False) -> dict[str, Any]:
+    """Run the candidate's study up to the budget (resuming a stored one); its best trial's overrides and score.
+
+    A trial's score is the mean balanced accuracy over the cross-validation parts; the per-part values and their
+    spread are kept with the trial.
+    """
+    import optuna
 
     cls = get_method(cand.method)
     budget = cc.trials if cls.search_space(_Probe()) else 1
-    study = optuna.create_study(study_name=cand.label, storage=storage, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=cc.sampler_seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # trials of a killed process are failed, then redone
+    study = _open_study(cand, cc, storage, exclusive)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not study.trials:
-        study.enqueue_trial(_default_trial(cand, bench.base), skip_if_exists=True)
+    _enqueue_recipe(study, cand, bench.base)
 
     def objective(trial: Any) -> float:
-        _, val, extra = bench.fit(cand, cls.search_space(trial), seed=0)
-        trial.set_user_attr("val", val)
-        return val["balanced"]
+        scores = bench.score(cand, cls.search_space(trial))
+        trial.set_user_attr("scores", scores)
+        return float(np.mean(scores))
 
     def progress(study: Any, _trial: Any) -> None:
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(method=cand.label, best_val=f"{study.best_value:.4f}")
+            bar.set_postfix(method=cand.label, best=f"{study.best_value:.4f}")
 
     if bar is not None:
         bar.update(min(len(done), budget))
@@ -253,9 +355,25 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
         enough = optuna.study.MaxTrialsCallback(budget, states=(optuna.trial.TrialState.COMPLETE,))
         study.optimize(objective, n_trials=remaining, callbacks=[enough, progress])
     best = _best_within_budget(study, budget)
+    recipe = _recipe_trial(study)
     overrides = cls.search_space(optuna.trial.FixedTrial(best.params))
     return {"overrides": overrides, "params": best.params, "best_val": best.value, "budget": budget,
+            "selection": _spread(best), "recipe_selection": _spread(recipe) if recipe is not None else None,
             "resumed_trials": len(done), "trial_seconds": _trial_seconds(study)}
+
+
+def _recipe_trial(study: Any) -> Any:
+    import optuna
+
+    return next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if "fixed_params" in t.system_attrs), None)
+
+
+def _spread(trial: Any) -> dict[str, Any]:
+    """A trial's selection score: mean, standard deviation and number of the cross-validation parts' values."""
+    scores = trial.user_attrs.get("scores", [trial.value])
+    std = float(statistics.stdev(scores)) if len(scores) > 1 else 0.0
+    return {"mean": float(trial.value), "std": std, "parts": len(scores)}
 
 
 def _best_within_budget(study: Any, budget: int) -> Any:
@@ -291,23 +409,28 @@ def _agg(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(finite)), "std": float(statistics.stdev(finite)) if len(finite) > 1 else 0.0}
 
 
-def evaluate_final(bench: Bench, cand: Candidate, overrides: dict[str, Any], seeds: int) -> dict[str, Any]:
-    """Retrain for every seed and evaluate each on test once; aggregates and per-seed records."""
+def evaluate_final(bench: Bench, cand: Candidate, overrides: dict[str, Any], seeds: int,
+                   bar: Any = None) -> dict[str, Any]:
+    """Retrain for every seed on the train / validation split and evaluate each on test once; aggregates and
+    per-seed records."""
     records = []
     for seed in range(seeds):
-        model, val, extra = bench.fit(cand, overrides, seed)
+        model, val, extra = bench.fit(cand, overrides, bench.final[seed])
         test = bench.test_metrics(model)
         records.append({"seed": seed, "val": val, "test": summarize(test), "extra": extra,
                         "per_class": [float(a) for a in test["per_class"]]})
         if seed == 0:
             best_model = model
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(method=cand.label)
     agg = {split: {k: _agg([r[split][k] for r in records]) for k in SUMMARY_KEYS} for split in ("val", "test")}
     per_class = np.mean([r["per_class"] for r in records], axis=0).tolist()
     return {**agg, "per_seed": records, "per_class_mean": per_class, "_model": best_model}
 
 
 def _best_loss_method(tuned: dict[str, dict[str, Any]]) -> str | None:
-    """The loss-type method with the best tuned validation score (the X of "X + H2T")."""
+    """The loss-type method with the best selection score (the X of "X + H2T")."""
     losses = [label for label, t in tuned.items()
               if get_method(t["candidate"].method).loss_is_fixed and get_method(t["candidate"].method).fusion_site is None]
     return max(losses, key=lambda label: tuned[label]["best_val"]) if losses else None
@@ -319,7 +442,7 @@ def _combos(tuned: dict[str, dict[str, Any]], methods: Iterable[str]) -> list[Ca
         return []
     cls = get_method(tuned[x]["candidate"].method)
     fixed = {"loss": cls.loss, "loss_kwargs": {**cls.loss_kwargs, **tuned[x]["overrides"].get("loss_kwargs", {})}}
-    return [Candidate(f"{get_method(f).name}+{x}", f, fixed) for f in FUSION_METHODS if f in methods]
+    return [Candidate(f"{get_method(f).name}+{x}", f, fixed) for f in fusion_methods() if f in methods]
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -336,23 +459,30 @@ def _paired(rows: dict[str, dict[str, Any]], reference: str) -> None:
 
 
 def _pick(rows: dict[str, dict[str, Any]], baselines_only: bool) -> str:
-    """The row with the best mean *validation* balanced accuracy (test never chooses)."""
+    """The row with the best selection score (cross-validation, or the validation split; test never chooses)."""
     labels = [k for k, r in rows.items() if not baselines_only or get_method(r["method"]).fusion_site is None]
-    return max(labels or list(rows), key=lambda k: rows[k]["tuned"]["val"]["balanced"]["mean"])
+    return max(labels or list(rows), key=lambda k: rows[k]["selection"]["mean"])
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The comparison as a Markdown table (percent, mean ± std over seeds), sorted by tuned test balanced."""
-    def cell(d: dict[str, float]) -> str:
-        return "n/a" if math.isnan(d["mean"]) else f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
+    """The comparison as a Markdown table (percent), sorted by tuned test balanced, the chosen method marked."""
+    def cell(d: dict[str, float] | None) -> str:
+        return "n/a" if d is None or math.isnan(d["mean"]) else f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
 
-    head = "| method | trials | " + " | ".join(SUMMARY_KEYS) + " | default recipe (balanced) | Δ vs best baseline |"
-    lines = [head, "|" + "---|" * (len(SUMMARY_KEYS) + 4)]
+    head = ("| method | trials | selection | recipe selection | " + " | ".join(SUMMARY_KEYS)
+            + " | recipe test (balanced) | Δ vs best baseline |")
+    lines = [head, "|" + "---|" * (len(SUMMARY_KEYS) + 6)]
     rows = sorted(report["methods"].items(), key=lambda kv: -kv[1]["balanced"]["mean"])
     for label, row in rows:
-        paired = row["paired_vs_best_baseline"]
-        lines.append(f"| `{label}` | {row['trials']} | " + " | ".join(cell(row["tuned"]["test"][k]) for k in SUMMARY_KEYS)
+        paired, mark = row["paired_vs_best_baseline"], " **chosen**" if label == report["best"] else ""
+        lines.append(f"| `{label}`{mark} | {row['trials']} | {cell(row['selection'])} | "
+                     f"{cell(row['recipe_selection'])} | "
+                     + " | ".join(cell(row["tuned"]["test"][k]) for k in SUMMARY_KEYS)
                      + f" | {cell(row['default']['test']['balanced'])} | {100 * paired['mean']:+.2f} ({paired['signs']}) |")
+    setting = report["setting"]
+    lines += ["", f"`{report['best']}` is chosen on the selection score: {setting['selection']} (mean ± std over "
+              f"its parts), never on test. Test columns: mean ± std over {setting['seeds']} seeds; Δ: paired per-seed "
+              f"test balanced-accuracy difference to the best baseline `{report['best_baseline']}`."]
     return "\n".join(lines)
 
 
@@ -360,8 +490,9 @@ def _row(cand: Candidate, tuned: dict[str, Any], final: dict[str, Any], default:
     clean = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
     test = final["test"]
     return {"method": cand.method, "fixed": cand.fixed, "params": tuned["overrides"], "trials": tuned["budget"],
-            "tuning_s": tuned["trial_seconds"], "best_val_trial": tuned["best_val"], "balanced": test["balanced"],
-            "few": test["few"], "many": test["many"], "tuned": clean(final), "default": clean(default)}
+            "tuning_s": tuned["trial_seconds"], "selection": tuned["selection"],
+            "recipe_selection": tuned["recipe_selection"], "balanced": test["balanced"], "few": test["few"],
+            "many": test["many"], "tuned": clean(final), "default": clean(default)}
 
 
 def _write_outputs(report: dict[str, Any], best: tuple[str, Any, dict], bench: Bench, out: Path) -> None:
@@ -372,22 +503,25 @@ def _write_outputs(report: dict[str, Any], best: tuple[str, Any, dict], bench: B
     out.mkdir(parents=True, exist_ok=True)
     write_atomic_json(out / "comparison.json", report)
     atomic_write_text(out / "comparison.md", format_report(report) + "\n")
-    top = sorted(report["methods"], key=lambda k: -report["methods"][k]["tuned"]["val"]["balanced"]["mean"])
+    top = sorted(report["methods"], key=lambda k: -report["methods"][k]["selection"]["mean"])
     per_class = {k: np.asarray(report["methods"][k]["tuned"]["per_class_mean"]) for k in top[:report["plot_top"]]}
     plot_accuracy_vs_frequency(per_class, bench.data["class_counts"], out / "accuracy_vs_frequency.png",
-                               title="per-class test accuracy (mean over seeds), top methods by validation")
+                               title="per-class test accuracy (mean over seeds), top methods by selection score")
     label, model, row = best
     _export_best(bench, label, model, row, out / "best_model")
 
 
 def _export_best(bench: Bench, label: str, model: Any, row: dict[str, Any], model_dir: Path) -> None:
-    """The best-on-validation method's seed-0 model, saved with a card whose numbers are that model's test run."""
+    """The chosen method's seed-0 model, saved with a card whose numbers are that model's test run."""
+    from ._progress import quiet_transformers_bars
     from .hub.model_card import render_model_card, write_model_card
 
-    model.save_pretrained(model_dir)
+    with quiet_transformers_bars():
+        model.save_pretrained(model_dir)
     seed0 = row["tuned"]["per_seed"][0]
     card_cfg = {**bench.base.to_dict(), "method": row["method"], "global_batch_size": bench.base.batch_size,
-                "hyperparameters": {"selected_on": "validation", "label": label, **row["params"], **row["fixed"]},
+                "hyperparameters": {"selected_on": "cross-validation", "label": label, **row["params"],
+                                    **row["fixed"]},
                 "hardware": f"1 process, torch {torch.__version__}", "backbone_tag": model.config.backbone_tag,
                 "class_counts": bench.data["class_counts"].tolist()}
     try:
@@ -399,34 +533,70 @@ def _export_best(bench: Bench, label: str, model: Any, row: dict[str, Any], mode
 # ---------------------------------------------------------------------------------------------- the comparison
 
 
-def compare(base: RunConfig, cc: CompareConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the whole comparison; returns the report (also written to ``<output_dir>/comparison.json``)."""
-    from tqdm.auto import tqdm
+def compare(base: RunConfig, cc: CompareConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Run the whole comparison; returns the report (also written to ``<output_dir>/comparison.json``).
 
-    start = time.perf_counter()
+    The output folder is locked for the comparison (a live comparison in it is refused; the lock of a killed one is
+    taken over, since resuming from the study is what a restart does); with the default storage (a SQLite study in
+    that folder) every trial left running is then a killed one, and is redone.
+    """
+    import sys
+
+    from .training.lock import output_lock
+
+    progress = cc.progress if progress is None else progress
     base = base.validate()
     methods = check_inputs(cc, base)
-    storage = _open_storage(cc.storage_url(base.output_dir))
-    bench = Bench(base, cc.seeds, progress=progress, max_epochs=cc.max_epochs)
+    report = lambda message: print(message.split(": taken over")[0] + ": resuming", file=sys.stderr)  # noqa: E731
+    with output_lock(base.output_dir, force=True, report=report):
+        return _compare(base, cc, methods, progress)
+
+
+def _tune_all(bench: Bench, cc: CompareConfig, methods: list[str], storage: Any, exclusive: bool,
+              progress: bool) -> dict[str, dict[str, Any]]:
+    import sys
+
+    from ._progress import progress_bar as tqdm  # live on a terminal, one line in a log
+
     cands = [Candidate(get_method(m).name, m) for m in methods]
     bar = tqdm(total=cc.trials * (len(cands) + 2 * cc.combos), desc="trials", disable=not progress)
-    tuned = {c.label: {**tune(bench, c, cc, storage, bar), "candidate": c} for c in cands}
-    if cc.combos:
-        for c in _combos(tuned, methods):
-            tuned[c.label] = {**tune(bench, c, cc, storage, bar), "candidate": c}
+    tuned: dict[str, dict[str, Any]] = {}
+
+    def run(c: Candidate) -> None:
+        tuned[c.label] = {**tune(bench, c, cc, storage, bar, exclusive), "candidate": c}
+        if tuned[c.label]["resumed_trials"]:
+            bar.write(f"resuming: {tuned[c.label]['resumed_trials']} trials done ({c.label})", file=sys.stderr)
+
+    for c in cands:
+        run(c)
+    for c in _combos(tuned, methods) if cc.combos else []:
+        run(c)
     bar.close()
+    return tuned
+
+
+def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: bool) -> dict[str, Any]:
+    from ._progress import progress_bar as tqdm  # live on a terminal, one line in a log
+
+    start = time.perf_counter()
+    storage = _open_storage(cc.storage_url(base.output_dir))
+    bench = Bench(base, cc.seeds, progress=progress, max_epochs=cc.max_epochs, cv_folds=cc.cv_folds,
+                  cv_repeats=cc.cv_repeats)
+    tuned = _tune_all(bench, cc, methods, storage, cc.storage is None, progress)
     rows, models = {}, {}
     final_start = time.perf_counter()
+    bar = tqdm(total=2 * cc.seeds * len(tuned), desc="final retraining", disable=not progress)
     for label, t in tuned.items():  # every study is finished: now, and only now, the test split is read
-        final = evaluate_final(bench, t["candidate"], t["overrides"], cc.seeds)
-        default = evaluate_final(bench, t["candidate"], {}, cc.seeds)
+        final = evaluate_final(bench, t["candidate"], t["overrides"], cc.seeds, bar)
+        default = evaluate_final(bench, t["candidate"], {}, cc.seeds, bar)
         rows[label], models[label] = _row(t["candidate"], t, final, default), final["_model"]
+    bar.close()
     reference = _pick(rows, baselines_only=True)
     _paired(rows, reference)
     best = _pick(rows, baselines_only=False)
     report = {"schema": SCHEMA, "setting": _setting(base, cc), "best_baseline": reference, "best": best,
-              "methods": rows, "test_evaluations": bench.test_evaluations, "plot_top": cc.plot_top,
-              "wall_time_s": round(time.perf_counter() - start, 1),
+              "chosen_on": cc.selection, "methods": rows, "test_evaluations": bench.test_evaluations,
+              "plot_top": cc.plot_top, "wall_time_s": round(time.perf_counter() - start, 1),
               "tuning_time_s": round(sum(t["trial_seconds"] for t in tuned.values()), 1),
               "final_time_s": round(time.perf_counter() - final_start, 1)}
     _write_outputs(report, (best, models[best], rows[best]), bench, Path(base.output_dir))
@@ -437,77 +607,19 @@ def _setting(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:
     keys = ("dataset", "backbone", "imbalance_ratio", "profile", "max_per_class", "test_per_class", "val_fraction",
             "image_size", "seed", "stage1_epochs", "stage1_lr", "head_type")
     return {**{k: getattr(base, k) for k in keys}, "trials": cc.trials, "seeds": cc.seeds, "max_epochs": cc.max_epochs,
-            "sampler": "optuna TPE", "sampler_seed": cc.sampler_seed, "selection": "validation balanced accuracy"}
-
-
-__all__ = ["CompareConfig", "Candidate", "Bench", "compare", "check_inputs", "default_methods", "format_report",
-           "tune", "evaluate_final", "main"]
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-_DATA_FLAGS: dict[str, type] = {
-    "dataset": str, "label_column": str, "image_column": str, "imbalance_ratio": float, "profile": str,
-    "max_per_class": int, "test_per_class": int, "val_fraction": float, "image_size": int, "backbone": str,
-    "head_type": str, "stage1_epochs": int, "stage1_lr": float, "batch_size": int, "seed": int, "cache_dir": str,
-    "num_workers": int, "feature_dtype": str, "init_from": str,
-}
-
-
-def build_parser() -> Any:
-    import argparse
-
-    def optional(cast: type) -> Any:
-        return lambda s: None if s.lower() in ("none", "null") else cast(s)
-
-    parser = argparse.ArgumentParser(prog="python -m pih2t_hub.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = parser.add_argument_group("comparison")
-    g.add_argument("--methods", default=None,
-                   help="comma-separated methods (default: every built-in method: " + ", ".join(default_methods()) + ")")
-    g.add_argument("--trials", type=int, default=16, help="tuning budget per method, in Optuna trials (default: 16)")
-    g.add_argument("--seeds", type=int, default=3, help="seeds of the final retraining (default: 3)")
-    g.add_argument("--storage", default=None, help="Optuna RDB URL shared by several machines "
-                   "(default: sqlite:///<output-dir>/study.db)")
-    g.add_argument("--no-combos", action="store_true", help='do not add "X + H2T" / "X + PI-H2T" for the best loss X')
-    g.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
-    g.add_argument("--max-epochs", type=int, default=None, help="cap on stage-2 epochs of every trial (default: none)")
-    g.add_argument("--output-dir", default="outputs/compare", help="where the report goes (default: outputs/compare)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d = parser.add_argument_group("data, backbone and stage 1 (as in recipes/finetune.py)")
-    defaults = RunConfig()
-    for name, cast in _DATA_FLAGS.items():
-        d.add_argument("--" + name.replace("_", "-"), type=optional(cast), default=getattr(defaults, name),
-                       help=f"default: {getattr(defaults, name)}")
-    d.add_argument("--pretrained", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
-                   help="load pretrained backbone weights (default: true)")
-    return parser
-
-
-def configs_from_args(argv: list[str] | None = None) -> tuple[RunConfig, CompareConfig, bool]:
-    args = build_parser().parse_args(argv)
-    base = RunConfig(**{k: getattr(args, k) for k in _DATA_FLAGS}, pretrained=args.pretrained,
-                     output_dir=args.output_dir, stage="both", stage1_mode="linear", stage2_mode="cached")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    cc = CompareConfig(methods=methods, trials=args.trials, seeds=args.seeds, storage=args.storage,
-                       combos=not args.no_combos, sampler_seed=args.sampler_seed, max_epochs=args.max_epochs)
-    return base, cc, not args.no_progress
+            "cv_folds": cc.cv_folds, "cv_repeats": cc.cv_repeats, "sampler": "optuna TPE, seeded per trial",
+            "sampler_seed": cc.sampler_seed, "selection": cc.selection}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pih2t_hub.compare`` / ``recipes/compare.py``: errors are one line on stderr, exit code 2."""
-    import sys
+    """``python -m pih2t_hub.compare``: the comparison's command line (:mod:`pih2t_hub.compare_cli`)."""
+    from .compare_cli import main as cli_main
 
-    try:
-        base, cc, progress = configs_from_args(argv)
-        check_inputs(cc, base.validate())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    report = compare(base, cc, progress=progress)
-    print(format_report(report))
-    print(f"report, plot and best model ({report['best']}) written to {base.output_dir}")
-    return 0
+    return cli_main(argv)
+
+
+__all__ = ["CompareConfig", "Candidate", "Bench", "Part", "compare", "check_inputs", "default_methods",
+           "format_report", "tune", "evaluate_final", "main"]
 
 
 if __name__ == "__main__":

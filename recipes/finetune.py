@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Long-tailed fine-tuning of a pretrained backbone: ``accelerate launch recipes/finetune.py --backbone vit_base``.
 
-With no arguments it runs the offline demo (pretrained EfficientNet-Lite0, MNIST-LT, H2T on cached features) in
-about a minute on 2 CPU cores. ``--config recipes/configs/NAME.yaml`` loads a recipe; any flag overrides it.
+With no arguments it runs the offline demo (pretrained EfficientNet-Lite0, MNIST-LT, H2T on cached features) on
+the CPU; the README gives the time it took there. ``--config recipes/configs/NAME.yaml`` loads a recipe; any flag overrides it.
 The output directory is locked for the run; the model folder, ``results.json`` and the recorded
 ``run_config.yaml`` are replaced together at the end. Errors are one ``error: ...`` line (exit code 2);
 ``--debug`` shows the traceback.

@@ -206,6 +206,31 @@ def test_cli_rejects_bad_input(argv: list[str], match: str) -> None:
         finetune.resolve_config(argv)
 
 
+def test_flags_that_do_nothing_count_only_when_given(tmp_path: Path, capsys) -> None:
+    """A recipe's stage-2 values, resume_strict or mixup are not the user's claim: ``--stage 1``, no ``--resume`` and
+    a linear stage 1 accept them; the same values as flags are refused (tests/test_cli_errors.py)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stage2_epochs: 3\nstage2_lr: 0.1\nresume_strict: true\nmixup_alpha: 0.2\nbackbone: test_vit\n")
+    cfg = finetune.resolve_config(["--config", str(recipe), "--stage", "1", "--init-from", str(tmp_path)])
+    assert (cfg.stage, cfg.stage2_epochs, cfg.resume_strict, cfg.mixup_alpha) == ("1", 3, True, 0.2)
+    for argv in (["--mixup-alpha", "0"], ["--resume-strict", "false"], ["--mixup-alpha", "0.2", "--stage1-mode", "finetune"],
+                 ["--resume", "--resume-strict"], ["--stage", "both", "--stage2-lr", "0.1"]):
+        finetune.resolve_config(argv)  # given, but meaningful (or a no-op value)
+    assert capsys.readouterr().err == ""
+
+
+def test_stage2_without_init_from_warns_in_one_line(tmp_path: Path, capsys) -> None:
+    finetune.resolve_config(["--stage", "2"])
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()]
+    assert err.startswith("warning: --stage 2 without --init-from trains stage 2 on a classifier head that stage 1 "
+                          "never trained")
+    (tmp_path / "config.json").write_text("{}")
+    finetune.resolve_config(["--stage", "2", "--init-from", str(tmp_path)])
+    finetune.resolve_config(["--stage", "both"])
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_unknown_method_is_reported(tmp_path: Path, capsys) -> None:
     assert finetune.main(TINY + ["--method", "h2tt", "--output-dir", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.startswith("error: unknown method 'h2tt'")
@@ -287,7 +312,7 @@ def test_stage2_alone_starts_from_a_saved_stage1_model(tmp_path: Path) -> None:
     _run_cli([*TINY, "--stage", "1", "--stage1-mode", "finetune", "--stage1-epochs", "1", "--batch-size", "32",
               "--method", "ce", "--output-dir", str(s1)])
     s2 = tmp_path / "s2"
-    res = _run_cli([*TINY, "--stage", "2", "--init-from", str(s1 / "model"), "--method", "h2t", "--stage2-epochs", "1",
+    res = _run_cli([*TINY[4:], "--stage", "2", "--init-from", str(s1 / "model"), "--method", "h2t", "--stage2-epochs", "1",
                     "--batch-size", "32", "--output-dir", str(s2)])
     _check_outputs(s2, res, "h2t")
     w1, w2 = load_file(str(s1 / "model" / "model.safetensors")), load_file(str(s2 / "model" / "model.safetensors"))

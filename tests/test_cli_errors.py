@@ -85,6 +85,16 @@ CASES = [
     (["--push-to-hub", "--hub-model-id", "bad id!"], "hub_model_id 'bad id!' is not a Hub repo id", True),
     (["--push-to-hub", "--hub-model-id", "me/model"], "--push-to-hub needs a Hub token", True),
     (["--output-dir", "{tmp}/a_file"], "output_dir '{tmp}/a_file' is a file", True),
+    (["--momentum", "50"], "momentum must lie in [0, 1), got 50.0", True),
+    (["--momentum", "1"], "momentum must lie in [0, 1), got 1.0", True),
+    # flags that would do nothing in the combination given
+    (["--stage", "1", "--stage2-epochs", "3", "--stage2-lr", "0.1"],
+     "--stage2-epochs, --stage2-lr does nothing with --stage 1", True),
+    (["--resume-strict"], "--resume-strict does nothing without --resume", True),
+    (["--mixup-alpha", "0.2"], "--mixup-alpha applies to stage 1 with --stage1-mode finetune only", True),
+    (["--stage", "2", "--stage1-mode", "finetune", "--mixup-alpha", "0.2", "--init-from", "{tmp}/not_a_model"],
+     "--mixup-alpha applies to stage 1 with --stage1-mode finetune only", True),
+    (["--init-from", "{tmp}/not_a_model", "--backbone", "test_vit"], "--backbone does nothing with --init-from", True),
     # data errors: known once the dataset is read, still before any extraction or training
     (["--dataset", "{tmp}/two_class", "--label-column", "nope"], "label column 'nope' not in the dataset", False),
     (["--dataset", "{tmp}/one_class"], "an image folder needs one sub-folder per class", False),
@@ -98,7 +108,8 @@ def test_bad_argument_is_one_clear_line(tmp_path: Path, monkeypatch, capsys, ext
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no token on this machine, whatever is stored
     fill = _files(tmp_path)
     out = tmp_path / "out"
-    argv = [a.format(**fill) for a in TINY + ["--output-dir", str(out)] + extra]
+    start = TINY[4:] if "--init-from" in extra else TINY  # a saved start model: no --backbone / --pretrained
+    argv = [a.format(**fill) for a in start + ["--output-dir", str(out)] + extra]
     capsys.readouterr()
     t0 = time.monotonic()
     code = finetune.main(argv)

@@ -1,6 +1,6 @@
-"""The fair comparison on digits-LT with a tiny random backbone and a small budget: the test split is read only after
-every study finished, the same seed gives the same table, a SIGKILL resumes from the Optuna storage, bad input is
-one line."""
+"""The fair comparison on digits-LT with a tiny random backbone and a small budget: trials scored by cross-validation
+on the pooled rows, the test split read only after every study finished, the same seed gives the same table, a
+SIGKILL mid-study then a restart gives the table of a run straight through, bad input is one line."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_equal_budget_and_published_recipe_as_first_trial(two_runs) -> None:
 def test_report_schema_table_plot_and_best_model(two_runs) -> None:
     out, report = two_runs[0][0]
     saved = json.loads((out / "comparison.json").read_text())
-    assert saved["schema"] == "pih2t_hub.compare/1" and saved["best"] in saved["methods"]
+    assert saved["schema"] == "pih2t_hub.compare/2" and saved["best"] in saved["methods"]
     for row in saved["methods"].values():
         for key in ("balanced", "few"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] >= 0.0
@@ -189,6 +189,15 @@ def test_sigkill_resumes_without_repeating_finished_trials(tmp_path: Path) -> No
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "ce,ctr"], "unknown method 'ctr'"),
     (["--trials", "0"], "--trials must be >= 1"),
+    (["--trials", "many"], "argument --trials: invalid int value: 'many'"),
+    (["--cv-folds", "0"], "--cv-folds must be >= 2"),
+    (["--cv-folds", "-3"], "--cv-folds must be >= 2"),
+    (["--cv-repeats", "0"], "--cv-repeats must be >= 1"),
+    (["--dataset", "./no/such/folder"], "dataset path './no/such/folder' does not exist"),
+    (["--backbone", "no_such_backbone_xyz"], "unknown backbone 'no_such_backbone_xyz'"),
+    (["--dataset", "digits", "--max-per-class", "60", "--backbone", "test_resnet", "--no-pretrained", "--cv-folds",
+      "100000"],
+     "--cv-folds 100000 is larger than the"),
     (["--val-fraction", "0"], "val_fraction must lie in (0, 1): model selection needs a validation split"),
     (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the Optuna storage"),
 ])
@@ -196,22 +205,24 @@ def test_bad_input_is_one_line(argv: list[str], message: str, tmp_path: Path, ca
     start = time.monotonic()
     assert cmp.main([*argv, "--output-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert time.monotonic() - start < 10
 
 
 class _ScoreBench:
-    """A stand-in for the shared bench: each fit scores ``score(n)`` for the n-th call, and can run a side effect
-    (another worker finishing trials in the same storage) before returning."""
+    """A stand-in for the shared bench: the n-th trial scores ``value(n)`` on each of its parts, and can run a side
+    effect (another worker finishing trials in the same storage) before returning."""
 
-    def __init__(self, score, during=None) -> None:
-        self.base, self.score, self.during, self.calls = RunConfig(**DATA), score, during, 0
+    def __init__(self, value, during=None) -> None:
+        self.base, self.value, self.during, self.calls = RunConfig(**DATA), value, during, 0
 
-    def fit(self, cand, overrides, seed):
+    def score(self, cand, overrides):
         self.calls += 1
         if self.during is not None:
             self.during(self.calls)
-        return None, {"balanced": self.score(self.calls)}, {}
+        value = self.value(self.calls)
+        return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def test_workers_sharing_a_storage_spend_one_budget(tmp_path: Path) -> None:
@@ -243,3 +254,124 @@ def test_workers_sharing_a_storage_spend_one_budget(tmp_path: Path) -> None:
     again = cmp.tune(late, cand, cc, storage)
     assert late.calls == 0 and again["best_val"] == pytest.approx(0.60)
     assert [t.value for t in optuna.load_study(study_name="logit_adjusted", storage=url).trials][-1] == 0.99
+
+
+def test_selection_score_is_the_mean_over_parts_with_its_spread(tmp_path: Path) -> None:
+    import statistics
+
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=3, seeds=1, cv_folds=4)
+    parts = {1: [0.5, 0.7, 0.6, 0.4], 2: [0.9, 0.1, 0.8, 0.6], 3: [0.55, 0.65, 0.6, 0.52]}  # means .55 .6 .58
+    out = cmp.tune(_ScoreBench(parts.__getitem__), cmp.Candidate("logit_adjusted", "logit_adjusted"), cc,
+                   cmp._open_storage(url))
+    assert out["selection"]["mean"] == pytest.approx(0.6) and out["selection"]["parts"] == 4
+    assert out["selection"]["std"] == pytest.approx(statistics.stdev(parts[2]))
+    assert out["recipe_selection"]["mean"] == pytest.approx(0.55)  # the published recipe is the first trial
+    assert out["recipe_selection"]["std"] == pytest.approx(statistics.stdev(parts[1]))
+    first = optuna.load_study(study_name="logit_adjusted", storage=url).trials[0]
+    assert first.params["tau"] == 1.0 and first.user_attrs["scores"] == parts[1]
+
+
+def test_bench_folds_partition_the_pooled_rows(tmp_path: Path) -> None:
+    import torch
+
+    base = RunConfig(**DATA, output_dir=str(tmp_path / "b")).validate()
+    bench = cmp.Bench(base, seeds=1, progress=False, cv_folds=3, cv_repeats=2)
+    feats = bench.ctx.features
+    pooled_x = torch.cat([feats["train"].tensors[0], feats["val"].tensors[0]])
+    pooled_y = torch.cat([feats["train"].tensors[1], feats["val"].tensors[1]])
+    key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731 - rows as comparable tuples
+    assert len(bench.folds) == 6
+    for r in (0, 1):
+        mine = [p for p in bench.folds if p.seed == r]
+        assert key(torch.cat([p.features["val"].tensors[0] for p in mine])) == key(pooled_x)  # each row once
+        for p in mine:
+            tr, va = p.features["train"].tensors, p.features["val"].tensors
+            assert key(torch.cat([tr[0], va[0]])) == key(pooled_x)
+            counts = torch.bincount(tr[1], minlength=bench.data["num_classes"]).numpy()
+            assert (p.counts == counts).all()  # the method's priors see the fold's own training counts
+            n = torch.bincount(pooled_y, minlength=len(counts))
+            held = torch.bincount(va[1], minlength=len(counts))
+            assert ((held == n // 3) | (held == -(-n // 3))).all()  # stratified: floor or ceil of n_c / K
+    assert "test" not in feats  # building the folds never read the test split
+
+
+def _argv(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pih2t_hub.compare", "--methods", "crt,logit_adjusted", "--trials", "4",
+            "--seeds", "1", "--max-epochs", "3", "--cv-folds", "3", "--no-combos", "--no-progress",
+            "--output-dir", str(out), *sum([[f"--{k.replace('_', '-')}", str(v)] for k, v in DATA.items()], []),
+            *extra]
+
+
+def _table(out: Path) -> str:
+    report = json.loads((out / "comparison.json").read_text())
+    rows = {k: {kk: vv for kk, vv in v.items() if kk != "tuning_s"} for k, v in report["methods"].items()}
+    return json.dumps(rows, sort_keys=True) + (out / "comparison.md").read_text()
+
+
+def test_sigkill_mid_study_then_restart_gives_the_straight_through_table(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    straight = subprocess.run(_argv(tmp_path / "straight"), cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_argv(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "study.db"
+    deadline = time.monotonic() + 300
+    # kill inside the second study, after its recipe trial: the sampler's draws are what a restart used to change
+    while len(_complete(db, "logit_adjusted")) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(_complete(db, "logit_adjusted")) < 4
+    resumed = subprocess.run(_argv(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming: 4 trials done (crt)" in resumed.stderr
+    assert "resuming: " in resumed.stderr.split("(crt)")[1]
+    assert _table(out) == _table(tmp_path / "straight")
+
+
+def test_help_is_quick_lists_groups_and_choices_and_imports_no_torch() -> None:
+    import resource
+
+    code = ("import runpy, sys; sys.argv = ['compare.py', '--help']\n"
+            "try:\n    runpy.run_path('recipes/compare.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)  # process time: load-proof
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("TORCH False"), done.stderr
+    assert cpu < 2.0, cpu
+    text = done.stdout
+    for group in ("comparison:", "data:", "model:", "stages:", "training:", "output:"):
+        assert f"\n{group}\n" in text
+    for flag in ("--cv-folds", "--cv-repeats", "--profile {exp,step}", "--head-type {linear,cosine}", "--no-pretrained",
+                 "--feature-dtype {float32,float16}"):
+        assert flag in text
+    assert "h2t" in text and "logit_adjusted" in text  # the methods one may name
+    assert "--stage2-lr" not in text and "--push-to-hub" not in text  # what the comparison decides itself
+
+
+@pytest.mark.parametrize("method", ["crt", "h2t"])
+def test_final_retraining_is_the_run_finetune_makes(method: str, tmp_path: Path) -> None:
+    """The comparison's final retraining of a method at the run's seed and a `recipes/finetune.py` run of the same
+    method and configuration (linear stage 1, stage 2 on cached features) give bitwise-equal heads."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from pih2t_hub.training.run import run
+
+    cfg = RunConfig(**DATA, method=method, stage="both", stage1_mode="linear", stage2_mode="cached",
+                    output_dir=str(tmp_path / "run"))
+    run(cfg)
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "run" / "model").classifier.state_dict()
+
+    bench = cmp.Bench(RunConfig(**DATA, output_dir=str(tmp_path / "cmp")).validate(), seeds=1, progress=False)
+    model, _, _ = bench.fit(cmp.Candidate(method, method), {}, bench.final[0])
+    head = model.classifier.state_dict()
+    assert saved.keys() == head.keys()
+    for key in saved:
+        assert torch.equal(saved[key], head[key]), key

@@ -119,3 +119,38 @@ def test_h2t_on_a_half_precision_cache_replaces_exactly_the_drawn_channels():
     from_fused = (out == xf.float()).all(dim=0)
     assert bool((from_fusing | from_fused).all())  # no channel is a mix
     assert int(from_fusing.sum()) == 10  # ⌊0.25 · 40⌋, the same subset for every sample
+
+
+def test_fusion_site_is_a_closed_set() -> None:
+    """'map' fuses the un-pooled maps, 'pooled' the pooled vectors; any other value is refused, not read as one of
+    them (the online stage-2 benchmark once passed 'h2t' and measured the pooled path)."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_labels=3).eval()
+    bb = model.pih2t
+    xf, xg, y = _images(model, 2, 0), _images(model, 2, 1), torch.tensor([0, 1])
+
+    def max_fuse(f, g, _labels, _channel_dim):  # not linear: fusing maps and fusing pooled vectors differ
+        return torch.maximum(f, g)
+
+    with torch.no_grad():
+        ff, fg = bb.forward_features(xf), bb.forward_features(xg)
+        by_map = bb.pool(torch.maximum(ff, fg))
+        by_vector = torch.maximum(bb.pool(ff), bb.pool(fg))
+        assert not torch.allclose(by_map, by_vector)
+        torch.testing.assert_close(online_fused_features(bb, xf, xg, y, max_fuse, "map", shift_bn=False), by_map)
+        torch.testing.assert_close(online_fused_features(bb, xf, xg, y, max_fuse, "pooled", shift_bn=False),
+                                   by_vector)
+        for wrong in ("h2t", "Map", ""):
+            with pytest.raises(ValueError, match=r"fusion_site must be one of \('map', 'pooled'\)"):
+                online_fused_features(bb, xf, xg, y, max_fuse, wrong, shift_bn=False)
+
+
+def test_every_method_names_a_known_fusion_site() -> None:
+    from typing import get_args
+
+    from pih2t_hub.methods import get_method, list_methods
+    from pih2t_hub.methods.base import FusionSite
+
+    sites = {name: get_method(name).fusion_site for name in list_methods()}
+    assert set(sites.values()) <= set(get_args(FusionSite)) | {None}
+    assert sites["h2t"] == "map" and sites["pi-h2t"] == "pooled"

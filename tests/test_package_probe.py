@@ -11,7 +11,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from pih2t_hub.training.loop import cosine_per_epoch, train_loop
+from pih2t_hub.schedules import cosine_schedule
+from pih2t_hub.training.loop import train_loop
 
 
 def test_lomo_check_is_asked_once_and_answers_as_importlib(monkeypatch) -> None:
@@ -34,7 +35,7 @@ def test_lomo_check_is_asked_once_and_answers_as_importlib(monkeypatch) -> None:
     asked.clear()  # prepare asks once itself; what counts is the loop
     state = train_loop(acc, trainable=head, optimizer=opt, loader=loader,
                        step=lambda b: torch.nn.functional.cross_entropy(head(b[0]), b[1]), epochs=2,
-                       lr_at_epoch=cosine_per_epoch(0.1, 2), progress=False)
+                       lr_scheduler=cosine_schedule(opt, 2), progress=False)
     assert state.global_step == 10
     assert len(asked) == 1  # two per step (20 here) without the memo
     installed = real_find_spec("lomo_optim") is not None

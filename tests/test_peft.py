@@ -304,8 +304,9 @@ def test_bad_peft_flags_are_one_line_before_torch(tmp_path, extra, words):
     (tmp_path / "adapted" / "config.json").write_text(json.dumps(
         {"model_type": "pih2t", "backbone": "test_resnet", "backbone_source": "timm", "tuning": {"kind": "lora"}}))
     extra = [a.format(tmp=tmp_path) for a in extra]
+    tiny = TINY[2:] if "--init-from" in extra else TINY  # a saved model carries its weights: no --pretrained
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-X", "importtime", "recipes/finetune.py", *TINY, *extra,
+    done = subprocess.run([sys.executable, "-X", "importtime", "recipes/finetune.py", *tiny, *extra,
                            "--output-dir", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     lines = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
@@ -374,6 +375,7 @@ def test_the_comparison_starts_from_an_adapted_backbone(tmp_path):
     """``python -m pih2t_hub.compare --init-from <saved peft model>``: the methods are compared on the adapted
     backbone's features (AdaptFormer modules included), and the best model it saves still carries them."""
     import pih2t_hub.compare as cmp
+    from pih2t_hub.compare_cli import resolve_configs
 
     model = _trained("timm_vit", "adaptformer")
     model.config.num_labels = 10  # re-labelled for digits: a fresh head, the adapted backbone kept
@@ -386,7 +388,7 @@ def test_the_comparison_starts_from_an_adapted_backbone(tmp_path):
             "--max-epochs", "1", "--dataset", "digits", "--image-size", "32", "--max-per-class", "60",
             "--imbalance-ratio", "10", "--test-per-class", "20", "--stage1-epochs", "1", "--pretrained", "false",
             "--output-dir", str(tmp_path / "cmp"), "--no-progress"]
-    base, cc, _ = cmp.configs_from_args(argv)
+    base, cc = resolve_configs(argv)
     assert base.init_from == str(tmp_path / "adapted")
     report = cmp.compare(base, cc, progress=False)
     assert "ce" in report["methods"]

@@ -189,7 +189,8 @@ def _hf_vit_model():
         (_hf_vit_model, "needs a timm backbone"),
         (lambda: create_model("test_resnet", num_labels=2, head_type="cosine"), "cosine head"),
         (lambda: create_model("test_resnet", num_labels=2, pif=True), "PIF"),
-        (lambda: create_model("test_resnet", num_labels=2, method="dlsa"), "DLSA"),
+        (lambda: create_model("test_resnet", num_labels=2, method="dlsa", head_type="dlsa",
+                              head_config={"num_clusters": 2}), "DLSA"),
     ],
 )
 def test_models_that_are_not_timm_plus_linear_are_refused(build, match, tmp_path):

@@ -49,11 +49,10 @@ from pih2t_hub.training.loop import (
     GeneratorState,
     SeededFetch,
     StopAfterSteps,
-    cosine_per_epoch,
     load_best,
     train_loop,
-    warmup_multistep,
 )
+from pih2t_hub.schedules import cosine_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "test_resnet", "--pretrained", "false", "--dataset", "digits", "--image-size", "32",
@@ -158,18 +157,6 @@ def test_write_atomic_json_leaves_no_temp_file(tmp_path: Path) -> None:
 # ============================================================================================ loop helpers
 
 
-def test_cosine_per_epoch_matches_hand_values() -> None:
-    lr = cosine_per_epoch(0.1, 4)  # 0.1 * (1 + cos(pi e / 4)) / 2
-    np.testing.assert_allclose([lr(e) for e in range(4)], [0.1, 0.0853553390593, 0.05, 0.0146446609407],
-                               rtol=1e-10)
-
-
-def test_warmup_multistep_matches_hand_values() -> None:
-    lr = warmup_multistep(0.1, 2, [4, 6], gamma=0.1)
-    np.testing.assert_allclose([lr(e) for e in range(8)], [0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
-                               rtol=1e-12)
-
-
 class _NoisyItems(Dataset):
     """Items that draw from all three global RNGs, like timm/torchvision augmentations do."""
 
@@ -246,7 +233,7 @@ def toy_run(ckpt: Path | None, *, epochs: int = 3, checkpoint_every: int = 3, re
         return {"balanced": acc + 1e-3 * float(model.weight.detach().sum())}  # a tie-free selection metric
 
     state = train_loop(accelerator, trainable=model, optimizer=opt, loader=loader, step=step, epochs=epochs,
-                       lr_at_epoch=cosine_per_epoch(0.1, epochs), evaluate=evaluate, checkpoint_dir=ckpt,
+                       lr_scheduler=cosine_schedule(opt, epochs), evaluate=evaluate, checkpoint_dir=ckpt,
                        checkpoint_every=checkpoint_every, keep_last=2, resume=resume,
                        callbacks=[StopAfterSteps(stop)] if stop is not None else [],
                        extra_state={"noise": GeneratorState(noise)})
@@ -351,7 +338,7 @@ def test_explicit_corrupt_checkpoint_leaves_the_model_untouched(tmp_path: Path) 
     model, opt = accelerator.prepare(model, opt)
     with pytest.raises(CorruptCheckpointError, match="partial"):
         train_loop(accelerator, trainable=model, optimizer=opt, loader=[], step=lambda b: b, epochs=1,
-                   lr_at_epoch=lambda e: 0.1, checkpoint_dir=tmp_path, resume=str(tmp_path / "checkpoint-3"))
+                   lr_scheduler=cosine_schedule(opt, 1), checkpoint_dir=tmp_path, resume=str(tmp_path / "checkpoint-3"))
     _assert_same(accelerator.unwrap_model(model).state_dict(), before)
 
 
@@ -362,12 +349,14 @@ def test_ctrl_c_mid_step_checkpoints_the_completed_step_and_resumes_bitwise(toy_
     generator already advanced by step 14's draw, so the resumed run drew other noise from then on."""
     ref_state, ref_last, ref_best = toy_reference
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
+    before_term = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         toy_run(tmp_path, checkpoint_every=0, sigint_at=13)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-14"]
     saved = verify_checkpoint(tmp_path / "checkpoint-14")
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 6, 14)
     assert signal.getsignal(signal.SIGINT) is before  # the loop gave SIGINT back
+    assert signal.getsignal(signal.SIGTERM) is before_term  # and SIGTERM
     state, last, best = toy_run(tmp_path, checkpoint_every=0, resume=True)
     _assert_same(last, ref_last)
     _assert_same(best, ref_best)
@@ -396,7 +385,8 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model, opt = accelerator.prepare(model, opt)
     with pytest.raises(FloatingPointError, match="epoch 0, step 0"):
-        train_loop(accelerator, trainable=model, optimizer=opt, loader=[0], epochs=1, lr_at_epoch=lambda e: 0.1,
+        train_loop(accelerator, trainable=model, optimizer=opt, loader=[0], epochs=1,
+                   lr_scheduler=cosine_schedule(opt, 1),
                    step=lambda b: model(torch.zeros(1, D)).sum() * float("nan"))
 
 
@@ -512,16 +502,19 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path
     saved = verify_checkpoint(stage2 / "checkpoint-10")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 3)  # mid-epoch
 
-    # the killed run could not release its lock: a rerun names it as stale and refuses without --force-unlock
-    resume = [sys.executable, "recipes/finetune.py", *argv, "--output-dir", str(out), "--resume", "true"]
-    refused = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # the killed run could not release its lock: a fresh rerun (which would remove the checkpoints) is refused in
+    # one line naming it as stale; `--resume` alone, as the README says, takes over the dead holder's lock
+    rerun = [sys.executable, "recipes/finetune.py", *argv, "--output-dir", str(out)]
+    refused = subprocess.run(rerun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
     assert refused.stderr.startswith(f"error: stale lock in {out}: pid {proc.pid} ") and "--force-unlock" in refused.stderr
-    assert "is no longer running" in refused.stderr
-    done = subprocess.run(resume + ["--force-unlock"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "is no longer running" in refused.stderr and "rerun with --resume to continue it" in refused.stderr
+    assert [p.name for p in list_checkpoints(stage2)] == ["checkpoint-8", "checkpoint-10"]
+    done = subprocess.run(rerun + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "taken over (--force-unlock)" in done.stdout
+    taken = [line for line in done.stdout.splitlines() if "taken over" in line]
+    assert len(taken) == 1 and f"pid {proc.pid} " in taken[0] and "taken over (--resume" in taken[0]
     assert f"resumed from {stage2 / 'checkpoint-10'} (epoch 1, step 3)" in done.stdout
     _same_weights(ref_out / "model" / "model.safetensors", out / "model" / "model.safetensors")
     ref, got = (json.loads((d / "results.json").read_text()) for d in (ref_out, out))
@@ -620,16 +613,21 @@ def yaml_load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def test_sigint_mid_step_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cached_h2t_reference) -> None:
-    """Ctrl-C (SIGINT from outside) while stage-2 step 10 is half-way, after its fusion draw: the CLI finishes the
-    step, writes checkpoint-10, releases the lock and exits 130; --resume then ends bitwise on the reference."""
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupt: finishing the current step"),
+                                                (signal.SIGTERM, 143, "terminate (SIGTERM): finishing the current step")],
+                         ids=["sigint", "sigterm"])
+def test_signal_mid_step_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cached_h2t_reference, signum,
+                                                                      code, said) -> None:
+    """Ctrl-C (SIGINT from outside), or SIGTERM as a scheduler or ``kill`` sends it, while stage-2 step 10 is
+    half-way, after its fusion draw: the CLI finishes the step, writes checkpoint-10, releases the lock and exits
+    130 (143 for SIGTERM, 128 + 15); --resume then ends bitwise on the reference."""
     out = tmp_path / "run"
     proc, release, log = _start_blocked(tmp_path, out, block=10)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signum)
     time.sleep(1.0)  # let the handler run while the step is still blocked
-    assert _finish(proc, release) == 130, log.read_text(errors="replace")[-3000:]
+    assert _finish(proc, release) == code, log.read_text(errors="replace")[-3000:]
     printed = log.read_text(errors="replace")
-    assert "finishing the current step" in printed and "rerun with --resume" in printed
+    assert said in printed and "rerun with --resume" in printed
     stage2 = out / "checkpoints" / "stage2"
     assert [p.name for p in list_checkpoints(stage2)] == ["checkpoint-7", "checkpoint-10"]
     saved = verify_checkpoint(stage2 / "checkpoint-10")
@@ -645,6 +643,48 @@ def test_sigint_mid_step_then_resume_reproduces_the_uninterrupted_run(tmp_path: 
     ref, got = (json.loads((d / "results.json").read_text()) for d in (cached_h2t_reference, out))
     _same_json(got["stage2"], ref["stage2"])
     _same_json(got["test"], ref["test"])
+
+
+# A CLI run that blocks while it reads its data (before any training) until it is signalled.
+DATA_BLOCK_WRAPPER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    recipes, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    sys.path.insert(0, recipes)
+    import finetune
+    import pih2t_hub.training.run as run
+    def blocking_load_splits(cfg):
+        marker.write_text(str(os.getpid()))
+        time.sleep(300)
+    run.load_splits = blocking_load_splits
+    sys.exit(finetune.main(argv))
+""")
+
+
+def test_sigterm_before_training_releases_the_lock_and_exits_143(tmp_path: Path) -> None:
+    """SIGTERM outside the training loop (here while the data is read) stops at once, as Ctrl-C does there: the lock
+    is released, nothing of an earlier run is touched, exit code 143 and one line naming --resume."""
+    out, wrapper, marker = tmp_path / "run", tmp_path / "data_block.py", tmp_path / "blocked"
+    wrapper.write_text(DATA_BLOCK_WRAPPER)
+    proc = subprocess.Popen([sys.executable, str(wrapper), str(ROOT / "recipes"), str(marker), *CACHED_H2T,
+                             "--output-dir", str(out)], cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        assert (out / ".pih2t.lock").exists()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM): rerun with --resume to continue from the newest checkpoint"
+    assert "Traceback" not in err
+    assert not (out / ".pih2t.lock").exists()
 
 
 # Two processes (gloo on CPU): each rank dumps what it trained, so the ranks can be compared with each other.

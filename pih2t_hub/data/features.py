@@ -658,7 +658,7 @@ def _reuse_or_extract(job: _Job, cache_dir: Path, request: dict, group: _Group, 
 def _run_with_progress(job: _Job, cache_dir: Path, shards: list[int], progress: bool) -> None:
     progress_bar = None
     if progress and shards:
-        from tqdm.auto import tqdm
+        from .._progress import progress_bar as tqdm  # live on a terminal, one line in a log
 
         progress_bar = tqdm(total=len(job.batches(shards)), desc=f"features -> {cache_dir.name}", unit="batch")
     try:

@@ -7,7 +7,8 @@ project does not), so every class with at least two training images keeps at lea
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -55,10 +56,36 @@ def balanced_holdout(labels: np.ndarray, per_class: int, seed: int = 0) -> tuple
     return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """The data fields of a run's config that decide its splits: enough to rebuild a run's test split from the
+    ``run_config.yaml`` it recorded, without the training code."""
+
+    dataset: str
+    label_column: str | None
+    image_column: str | None
+    imbalance_ratio: float | None
+    profile: str
+    max_per_class: int | None
+    test_per_class: int
+    val_fraction: float
+    seed: int
+    skip_unreadable_images: bool = False
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], where: str = "the recorded config") -> "SplitSpec":
+        """The spec from a recorded config mapping (other keys are ignored); a missing key is one clear error."""
+        missing = [f.name for f in fields(cls) if f.name not in record and f.name != "skip_unreadable_images"]
+        if missing:
+            raise ValueError(f"{where} does not record {', '.join(missing)}: cannot rebuild the run's splits")
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+
 def load_splits(cfg: Any) -> dict[str, Any]:
     """Train (long-tailed), validation (carved from it, stratified) and a balanced test split of ``cfg.dataset``.
 
-    ``cfg`` is a :class:`~pih2t_hub.training.config.RunConfig` (any object with its data fields). The test split
+    ``cfg`` is a :class:`~pih2t_hub.training.config.RunConfig` or a :class:`SplitSpec` (any object with their data
+    fields). The test split
     is the dataset's own when it has one, else a balanced one held out *before* the training set is made
     long-tailed, so test images never appear in train or validation.
     """
@@ -139,4 +166,4 @@ def _encode_labels(ds: Any, column: str) -> Any:
     return ds if isinstance(ds.features[column], ClassLabel) else ds.class_encode_column(column)
 
 
-__all__ = ["stratified_split", "balanced_holdout", "load_splits"]
+__all__ = ["stratified_split", "balanced_holdout", "load_splits", "SplitSpec"]

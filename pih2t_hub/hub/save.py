@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .._atomic import atomic_folder
+from .._progress import quiet_transformers_bars
 
 __all__ = ["save_model_folder", "save_run_outputs", "verify_model_folder", "ModelFolderError"]
 
@@ -90,7 +91,8 @@ def save_model_folder(
     previous ``dest`` (if any) is replaced only after the new folder is complete and verified.
     """
     dest = Path(dest)
-    with atomic_folder(dest, verify=(lambda f: verify_model_folder(f, model)) if verify else None) as stage:
+    with quiet_transformers_bars(), \
+            atomic_folder(dest, verify=(lambda f: verify_model_folder(f, model)) if verify else None) as stage:
         model.save_pretrained(stage, **save_kwargs)
         for name, content in (extra_files or {}).items():
             _write_extra(stage, name, content)

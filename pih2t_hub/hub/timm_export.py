@@ -15,7 +15,8 @@ with timm's own :func:`timm.models.save_for_hf` (``config.json`` with ``architec
 Folding is explicit: pass a model whose ``classifier`` is a ``nn.Linear`` (use :func:`fold_logit_adjustment`,
 :func:`fold_tau_norm` or :func:`fold_lws` first). What is not a linear head at inference is refused with a
 one-line :class:`TimmExportError`: Hugging Face backbones (not a timm model), cosine heads (``s·cos`` normalises the
-features), PIF layers between backbone and head, DLSA (a flow-based classifier on the features).
+features), PIF layers between backbone and head, any other head that is not a linear layer at inference (DLSA's
+flow-based classifier, nearest class mean).
 Before anything is written, the exported model's logits are checked against the PIH2T model's on a random batch.
 """
 
@@ -102,17 +103,18 @@ def fold_logit_adjustment(head: nn.Module, offsets: Sequence[float] | torch.Tens
 @torch.no_grad()
 def fold_tau_norm(head: nn.Module, tau: float) -> nn.Linear:
     """A new linear head with τ-normalised weight rows ``w_c / ||w_c||^τ`` (bias unchanged, as at inference)."""
-    from pih2t_hub.methods.decoupling import tau_normalize
+    from pih2t_hub.models.pih2t.heads import tau_normalize
 
     head = _linear(head, "fold_tau_norm")
     return _copy_linear(head, tau_normalize(head.weight, tau), head.bias)
 
 
 def fold_lws(head: nn.Module) -> nn.Linear:
-    """The plain linear head equivalent to a learnable-weight-scaling head (scales folded into weight and bias)."""
-    from pih2t_hub.methods.decoupling import LWSHead
+    """The plain linear head equivalent to a learnable-weight-scaling head (scales folded into weight and bias).
 
-    if not isinstance(head, LWSHead):
+    A training-time head that is a linear layer at inference says so with ``to_linear()`` (LWS does); no method
+    is imported here."""
+    if not callable(getattr(head, "to_linear", None)):
         raise TimmExportError(f"fold_lws needs an LWSHead, got {type(head).__name__}")
     return head.to_linear()
 
@@ -137,13 +139,12 @@ def check_timm_exportable(model: Any) -> None:
     if getattr(model.pih2t, "tuning", None) is not None or kind in ("adaptformer", "vpt"):
         raise TimmExportError(f"timm export refused: {kind or 'tuning'} modules sit inside the backbone's blocks, "
                               "plain timm has none (merged lora and bitfit export)")
-    if str(getattr(config, "method", "")).lower() == "dlsa":
-        raise TimmExportError("timm export refused: DLSA classifies with a flow model on the features, not a linear head")
     head = model.classifier
     if type(head).__name__ == "CosineHead":
         raise TimmExportError("timm export refused: a cosine head (s·cos) normalises the features; timm's head is linear")
-    if type(head).__name__ == "LWSHead":
-        raise TimmExportError("timm export needs a plain linear head: fold the LWS scales first (fold_lws)")
+    if callable(getattr(head, "to_linear", None)):
+        raise TimmExportError(f"timm export needs a plain linear head: fold the {type(head).__name__} first "
+                              "(to_linear(), or fold_lws)")
     if not isinstance(head, nn.Linear):
         raise TimmExportError(f"timm export needs a linear head at inference, got {type(head).__name__}")
 

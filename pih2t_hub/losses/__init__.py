@@ -16,13 +16,14 @@ Losses that need the training class counts raise ``ValueError`` when built witho
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from torch import nn
 
 from .._names import loss_key as _normalise
 from ._common import CountsLike
-from .class_balanced import ClassBalancedLoss, class_balanced_weights, effective_number
+from .class_balanced import ClassBalancedLoss, DeferredReweighting, class_balanced_weights, effective_number
 from .focal import FocalLoss, focal_loss
 from .harmonized import HarmonizedLoss, inter_class_weights_b1, per_class_bins
 from .ldam import LDAMLoss, ldam_margins
@@ -34,6 +35,7 @@ __all__ = [
     "list_losses",
     "BalancedSoftmaxLoss",
     "ClassBalancedLoss",
+    "DeferredReweighting",
     "FocalLoss",
     "HarmonizedLoss",
     "LDAMLoss",
@@ -69,19 +71,24 @@ def list_losses() -> list[str]:
     return sorted(_LOSSES)
 
 
-def build_loss(name: str, class_counts: CountsLike | None = None, **kwargs: Any) -> nn.Module:
+def build_loss(name: str, class_counts: CountsLike | None = None, epochs: int | None = None,
+               **kwargs: Any) -> nn.Module:
     """Build a loss by name (case-insensitive, ``-`` and ``_`` interchangeable).
 
     ``class_counts`` (training samples per class) is required by every loss except ``ce``, ``focal`` and
     ``harmonized`` with ``bins_rule="constant"`` and ``inter`` in {``"b2"``, ``"none"``}. Extra keyword arguments go to
-    the loss constructor; unknown ones raise ``TypeError``.
+    the loss constructor; unknown ones raise ``TypeError``. ``epochs`` (the training stage's length) reaches the
+    losses whose factory takes it (``ldam_drw`` defers its re-weighting to 80 % of it); the others ignore it.
     """
     if not isinstance(name, str):
         raise TypeError(f"loss name must be a string, got {type(name).__name__}")
     key = _normalise(name)
     if key not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; available: {', '.join(list_losses())}")
-    return _LOSSES[key](class_counts, **kwargs)
+    factory = _LOSSES[key]
+    if epochs is not None and "epochs" in inspect.signature(factory).parameters:
+        kwargs["epochs"] = epochs
+    return factory(class_counts, **kwargs)
 
 
 @register_loss("ce")
@@ -111,10 +118,12 @@ def _ldam(class_counts: CountsLike | None = None, **kwargs: Any) -> nn.Module:
 
 
 @register_loss("ldam_drw")
-def _ldam_drw(class_counts: CountsLike | None = None, drw_epoch: int = 160, **kwargs: Any) -> nn.Module:
-    """LDAM with class-balanced weights deferred to ``drw_epoch`` (160 of 200 epochs in the paper's recipe)."""
+def _ldam_drw(class_counts: CountsLike | None = None, drw_epoch: int | None = None, epochs: int | None = None,
+              **kwargs: Any) -> nn.Module:
+    """LDAM with class-balanced weights deferred to ``drw_epoch``; unset, 80 % of ``epochs`` (160 of 200 in the
+    paper's recipe; 160 when the length is not known)."""
     if drw_epoch is None:
-        raise ValueError("ldam_drw needs an integer drw_epoch; use 'ldam' for LDAM without re-weighting")
+        drw_epoch = int(0.8 * int(epochs)) if epochs is not None else 160
     return LDAMLoss(class_counts, drw_epoch=drw_epoch, **kwargs)
 
 

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from ._common import CountsLike, as_class_counts, check_logits_labels, check_reduction, reduce_loss
 from .focal import focal_loss
 
-__all__ = ["effective_number", "class_balanced_weights", "ClassBalancedLoss"]
+__all__ = ["effective_number", "class_balanced_weights", "ClassBalancedLoss", "DeferredReweighting"]
 
 
 def _check_beta(beta: float) -> float:
@@ -49,7 +49,34 @@ def class_balanced_weights(class_counts: CountsLike, beta: float = 0.9999) -> to
     return (inv * (counts.numel() / inv.sum())).to(torch.float32)
 
 
-class ClassBalancedLoss(nn.Module):
+class DeferredReweighting(nn.Module):
+    """Class-balanced weights that apply from epoch ``drw_epoch`` on (deferred re-weighting, Cao et al. 2019).
+
+    One meaning for every loss that has them: ``drw_epoch`` is the first (0-based) epoch whose loss is weighted;
+    ``0`` weights from the start, ``None`` never. The epoch lives in a buffer, so a resumed run restores the phase
+    from the ``state_dict``; the training loop calls :meth:`set_epoch` at every epoch's start.
+    """
+
+    drw_epoch: int | None
+
+    def _init_reweighting(self, counts: torch.Tensor, beta: float, drw_epoch: int | None) -> None:
+        if drw_epoch is not None and drw_epoch < 0:
+            raise ValueError(f"drw_epoch must be >= 0 or None, got {drw_epoch}")
+        self.drw_epoch = None if drw_epoch is None else int(drw_epoch)
+        self.register_buffer("class_weight", class_balanced_weights(counts, beta))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss the current (0-based) epoch; the weights apply once ``epoch >= drw_epoch``."""
+        self.epoch.fill_(int(epoch))
+
+    @property
+    def weights_active(self) -> bool:
+        """Whether the class-balanced weights are applied at the current epoch."""
+        return self.drw_epoch is not None and int(self.epoch) >= self.drw_epoch
+
+
+class ClassBalancedLoss(DeferredReweighting):
     """Softmax CE or focal loss with class-balanced weights (Cui et al. 2019), optionally deferred (DRW).
 
     Args:
@@ -57,8 +84,8 @@ class ClassBalancedLoss(nn.Module):
         beta: effective-number hyper-parameter in [0, 1); 0.9999 is the paper's CIFAR-LT default.
         base: ``"ce"`` or ``"focal"``.
         gamma: focal exponent (only for ``base="focal"``).
-        drw_epoch: if set, the weights are switched on only from this epoch on (deferred re-weighting,
-            Cao et al. 2019; "CE-DRW"). Before it the loss is unweighted. Call :meth:`set_epoch` every epoch.
+        drw_epoch: the first epoch whose loss is weighted (:class:`DeferredReweighting`): 0 (default) from the
+            start; N > 0 defers the weights (Cao et al. 2019, "CE-DRW"), unweighted before; ``None`` never.
         reduction: see :data:`pih2t_hub.losses._common.REDUCTIONS`. The default ``"mean"`` (Σ w·l / B) is the
             convention of Cui et al.; ``"weighted_mean"`` matches ``F.cross_entropy(weight=...)``.
         check_inputs: validate logits/labels each call (shape, label range, NaN); costs one device sync.
@@ -70,7 +97,7 @@ class ClassBalancedLoss(nn.Module):
         beta: float = 0.9999,
         base: str = "ce",
         gamma: float = 2.0,
-        drw_epoch: int | None = None,
+        drw_epoch: int | None = 0,
         reduction: str = "mean",
         check_inputs: bool = True,
     ) -> None:
@@ -80,27 +107,13 @@ class ClassBalancedLoss(nn.Module):
             raise ValueError(f"base must be 'ce' or 'focal', got {base!r}")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
-        if drw_epoch is not None and drw_epoch < 0:
-            raise ValueError(f"drw_epoch must be >= 0 or None, got {drw_epoch}")
         self.beta = _check_beta(beta)
         self.base = base
         self.gamma = float(gamma)
-        self.drw_epoch = drw_epoch
         self.reduction = check_reduction(reduction)
         self.check_inputs = check_inputs
         self.num_classes = counts.numel()
-        self.register_buffer("class_weight", class_balanced_weights(counts, beta))
-        # The epoch lives in a buffer so that a resumed run restores the DRW phase from the state_dict.
-        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Tell the loss the current (0-based) epoch; switches the deferred weights on at ``drw_epoch``."""
-        self.epoch.fill_(int(epoch))
-
-    @property
-    def weights_active(self) -> bool:
-        """Whether the class-balanced weights are applied at the current epoch."""
-        return self.drw_epoch is None or int(self.epoch) >= self.drw_epoch
+        self._init_reweighting(counts, beta, drw_epoch)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.check_inputs:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._common import CountsLike, as_class_counts, check_logits_labels, check_reduction, reduce_loss
-from .class_balanced import class_balanced_weights
+from .class_balanced import DeferredReweighting
 
 __all__ = ["ldam_margins", "LDAMLoss"]
 
@@ -36,14 +36,15 @@ def ldam_margins(class_counts: CountsLike, max_m: float = 0.5) -> torch.Tensor:
     return (raw * (max_m / raw.max())).to(torch.float32)
 
 
-class LDAMLoss(nn.Module):
+class LDAMLoss(DeferredReweighting):
     """LDAM softmax CE, optionally with deferred re-weighting (``drw_epoch`` set → LDAM-DRW).
 
     Args:
         class_counts: training samples per class (required; all > 0).
         max_m: the largest margin (given to the rarest class); 0.5 in the paper.
         s: logit scale; 30 for cosine logits as in the paper.
-        drw_epoch: epoch (0-based) from which the class-balanced weights apply; ``None`` = never (plain LDAM).
+        drw_epoch: the first epoch whose loss is class-balanced weighted (:class:`DeferredReweighting`); ``None``
+            (default) never: plain LDAM.
         beta: effective-number β of the DRW weights (0.9999).
         reduction: ``"weighted_mean"`` (default; Σ w·l / Σ w, as ``F.cross_entropy(weight=...)`` in the official
             code), ``"mean"``, ``"sum"`` or ``"none"``.
@@ -64,27 +65,14 @@ class LDAMLoss(nn.Module):
         counts = as_class_counts(class_counts, loss_name="ldam" if drw_epoch is None else "ldam_drw")
         if not s > 0:
             raise ValueError(f"s must be > 0, got {s}")
-        if drw_epoch is not None and drw_epoch < 0:
-            raise ValueError(f"drw_epoch must be >= 0 or None, got {drw_epoch}")
         self.max_m = float(max_m)
         self.s = float(s)
-        self.drw_epoch = drw_epoch
         self.beta = float(beta)
         self.reduction = check_reduction(reduction)
         self.check_inputs = check_inputs
         self.num_classes = counts.numel()
         self.register_buffer("margins", ldam_margins(counts, max_m))
-        self.register_buffer("class_weight", class_balanced_weights(counts, beta))
-        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Tell the loss the current (0-based) epoch; DRW weights apply once ``epoch >= drw_epoch``."""
-        self.epoch.fill_(int(epoch))
-
-    @property
-    def weights_active(self) -> bool:
-        """Whether the deferred class-balanced weights are applied at the current epoch."""
-        return self.drw_epoch is not None and int(self.epoch) >= self.drw_epoch
+        self._init_reweighting(counts, beta, drw_epoch)
 
     def margin_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """s · (z - m_y on the true class), the logits the CE is taken of (float32)."""

@@ -22,7 +22,18 @@ from . import (  # noqa: F401  (importing a method module registers it)
     pi_h2t,
     tau_norm,
 )
-from .base import Method, Recipe, Stage2Context, get_method, list_methods, register_method
+from .base import (
+    Method,
+    MethodConfig,
+    Recipe,
+    Stage2Context,
+    fusion_methods,
+    get_method,
+    list_methods,
+    register_method,
+)
 from .dlsa import method as _dlsa_method  # noqa: F401
+from .params import NoParams
 
-__all__ = ["Method", "Recipe", "Stage2Context", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "MethodConfig", "NoParams", "Recipe", "Stage2Context", "fusion_methods",
+           "get_method", "list_methods", "register_method"]

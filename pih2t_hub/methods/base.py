@@ -11,32 +11,55 @@ a method these questions, never its name:
 * per-epoch **hooks** (deferred re-weighting switches on at an epoch);
 * the **post-hoc** step after training or instead of it (τ selection, logit adjustment, fitting class means);
 * **export**: what goes into the saved model, so that the saved folder reproduces the reported numbers;
-* its **search space** for the fair comparison (Optuna trial → config overrides).
+* its **parameters**: a small dataclass (``Params``) read from ``--method-kwargs``, with its published defaults;
+* its **search space** for the fair comparison (Optuna trial → config overrides) and the published values of
+  what it searches (:meth:`Method.default_trial`, the comparison's first trial for the method).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
-from .._names import method_key as _key
-from .._names import unknown_method_message
 from ..data.samplers import ClassBalancedSampler, DualBranchSampler, InstanceSampler, ProgressiveSampler, SquareRootSampler
-from ..losses import build_loss
+from ..losses import DeferredReweighting, build_loss
+from ..schedules import cosine_schedule, warmup_multistep_schedule
+from .params import NoParams, params_dict, params_from
+from .registry import _METHODS, fusion_methods, get_method, list_methods, register_method  # noqa: F401
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..training.config import RunConfig
+#: Where a stage-2 fusion acts: ``"map"`` the un-pooled features (H2T), ``"pooled"`` the pooled vectors (H2TF).
+#: A closed set: the step that consumes it refuses any other value rather than falling back silently.
+FusionSite = Literal["map", "pooled"]
 
 Fuse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+class MethodConfig(Protocol):
+    """What a method reads of the run's configuration (``pih2t_hub.training.config.RunConfig`` is one): the
+    method sits below the training code, so it names the fields it uses instead of importing the engine's class.
+    ``resolve`` returns a copy made with ``dataclasses.replace``, so the object must be a dataclass."""
+
+    method: str
+    loss: str | None
+    sampler: str | None
+    loss_kwargs: dict[str, Any]
+    method_kwargs: dict[str, Any]
+    stage2_epochs: int | None
+    stage2_lr: float | None
+    stage2_batch_size: int | None
+    stage2_weight_decay: float | None
+    seed: int
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Stage-2 optimiser defaults of a method (SGD with momentum, learning rate set per epoch by ``schedule``).
+    """Stage-2 optimiser defaults of a method (SGD with momentum, learning rate stepped per epoch by ``schedule``).
 
     ``schedule`` is ``"cosine"`` (to 0 at the last epoch, per epoch) or ``"multistep"`` (linear warm-up for
     ``warmup`` epochs, then ×``gamma`` at each fraction of ``epochs`` in ``milestones``). ``source`` says where
@@ -59,7 +82,7 @@ class Stage2Context:
     """What a method may read while it builds its pieces: the resolved config, the training class counts, the
     cached pooled features (``None`` on a purely online run) and the generator every random draw comes from."""
 
-    cfg: "RunConfig"
+    cfg: "MethodConfig"
     class_counts: np.ndarray
     generator: torch.Generator
     train_features: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -81,21 +104,36 @@ class Method:
     sampler: ClassVar[str] = "instance"
     loss: ClassVar[str] = "ce"
     loss_kwargs: ClassVar[dict[str, Any]] = {}
-    fusion_site: ClassVar[str | None] = None  # "map": un-pooled features (H2T), "pooled": pooled vectors (H2TF)
+    fusion_site: ClassVar[FusionSite | None] = None  # "map": un-pooled features (H2T), "pooled": pooled vectors (H2TF)
     stage1_pif: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False  # needs the cached train/val features even on the online path
     loss_is_fixed: ClassVar[bool] = False  # the loss is the method (``--loss`` would change what it is)
+    Params: ClassVar[type] = NoParams  # the method's own knobs (a dataclass), read from ``method_kwargs``
+    card_fields: ClassVar[tuple[str, ...] | None] = None  # the parameters the model card lists; None: all
 
-    def __init__(self, cfg: "RunConfig") -> None:
+    def __init__(self, cfg: "MethodConfig") -> None:
         self.cfg = cfg
+        self.params = self.parse_params(cfg.method_kwargs)
+
+    @classmethod
+    def parse_params(cls, method_kwargs: dict[str, Any] | None) -> Any:
+        """The method's parameters from ``--method-kwargs``: unknown keys and bad values are one-line errors."""
+        return params_from(cls.Params, method_kwargs, cls.name)
+
+    def card_params(self) -> dict[str, Any]:
+        """What the model card lists for the method beyond the run's optimiser values: its parameters (those in
+        ``card_fields``; the full set is in the recorded config's ``method_kwargs``)."""
+        values = params_dict(self.params)
+        return values if self.card_fields is None else {k: values[k] for k in self.card_fields}
 
     # ------------------------------------------------------------------ the recipe
     @classmethod
-    def resolve(cls, cfg: "RunConfig") -> "RunConfig":
-        """The config with every stage-2 value the user left unset taken from the method's recipe."""
+    def resolve(cls, cfg: "MethodConfig") -> "MethodConfig":
+        """The config with every stage-2 value the user left unset taken from the method's recipe, and the
+        method's parameters resolved (defaults filled in, so the recorded ``method_kwargs`` is what ran)."""
         import dataclasses
 
-        updates: dict[str, Any] = {"method": cls.name}
+        updates: dict[str, Any] = {"method": cls.name, "method_kwargs": params_dict(cls.parse_params(cfg.method_kwargs))}
         if cfg.loss is not None and cfg.loss != cls.loss and (cls.loss_is_fixed or cls.recipe is None):
             raise ValueError(f"--loss {cfg.loss} cannot be combined with --method {cls.name}: "
                              f"the method {'trains nothing' if cls.recipe is None else 'is its loss'}")
@@ -106,18 +144,28 @@ class Method:
                     updates[f"stage2_{key}"] = getattr(cls.recipe, key)
         return dataclasses.replace(cfg, **updates)
 
-    def lr_at_epoch(self) -> Callable[[int], float]:
-        """The per-epoch learning rate of the recipe's schedule at the resolved peak lr and epochs."""
-        from ..training.loop import cosine_per_epoch, warmup_multistep
-
-        epochs, lr = int(self.cfg.stage2_epochs), float(self.cfg.stage2_lr)
-        recipe = self.recipe
+    def lr_schedule(self, optimizer: Optimizer) -> LRScheduler:
+        """The recipe's per-epoch schedule over the resolved stage-2 epochs, from the optimiser's lr (the peak)."""
+        epochs, recipe = int(self.cfg.stage2_epochs), self.recipe
         if recipe is None or recipe.schedule == "cosine":
-            return cosine_per_epoch(lr, epochs)
+            return cosine_schedule(optimizer, epochs)
         milestones = [max(1, round(m * epochs)) for m in recipe.milestones]
-        return warmup_multistep(lr, min(recipe.warmup, max(epochs - 1, 0)), milestones, recipe.gamma)
+        return warmup_multistep_schedule(optimizer, min(recipe.warmup, max(epochs - 1, 0)), milestones, recipe.gamma)
 
     epoch_range: ClassVar[tuple[int, int, int]] = (5, 40, 5)  # (low, high, step) of the searched stage-2 epochs
+
+    @classmethod
+    def default_trial(cls) -> dict[str, Any]:
+        """The published value of every name :meth:`search_space` suggests beyond the optimiser's: a parameter's
+        dataclass default, else the method's own ``loss_kwargs``. The comparison enqueues it as the first trial."""
+        probe = _NameProbe()
+        cls.search_space(probe)
+        defaults = {**cls.loss_kwargs, **params_dict(cls.Params())}
+        missing = [n for n in probe.names if n not in defaults and not n.startswith("stage2_")]
+        if missing:
+            raise TypeError(f"method {cls.name}: no published value for searched {missing}; add them to Params or "
+                            "loss_kwargs, or override default_trial")
+        return {n: defaults[n] for n in probe.names if n in defaults}
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
@@ -158,18 +206,18 @@ class Method:
         return head
 
     def make_loss(self, ctx: Stage2Context) -> nn.Module:
-        """The loss by name; the method's own keyword arguments apply only to its own loss."""
+        """The loss by name; the method's own keyword arguments apply only to its own loss.
+
+        The loss is told the stage's length (LDAM-DRW defers its re-weighting to 80 % of it); a re-weighting epoch
+        the loss derived that way is recorded in ``ctx.results["derived_loss_kwargs"]``, so the run's results,
+        config and card say when the weights switched on."""
         name = self.cfg.loss or self.loss
         kwargs = dict(self.loss_kwargs) if name == self.loss else {}
-        kwargs.update(self.extra_loss_kwargs(name, ctx))
         kwargs.update(self.cfg.loss_kwargs)
-        return build_loss(name, class_counts=ctx.class_counts.tolist(), **kwargs)
-
-    def extra_loss_kwargs(self, loss: str, ctx: Stage2Context) -> dict[str, Any]:
-        """Loss arguments that depend on the run (e.g. the epoch at which re-weighting is deferred to)."""
-        if loss in ("ldam_drw",) and "drw_epoch" not in self.cfg.loss_kwargs:
-            return {"drw_epoch": int(0.8 * int(self.cfg.stage2_epochs))}  # 160 of 200 in the official recipe
-        return {}
+        loss = build_loss(name, class_counts=ctx.class_counts.tolist(), epochs=int(self.cfg.stage2_epochs), **kwargs)
+        if isinstance(loss, DeferredReweighting) and "drw_epoch" not in kwargs and loss.drw_epoch is not None:
+            ctx.results["derived_loss_kwargs"] = {"drw_epoch": loss.drw_epoch}
+        return loss
 
     def make_fusion(self, ctx: Stage2Context) -> Fuse | None:
         """``fuse(fused, fusing, labels, channel_dim)`` for fusion methods, else ``None``."""
@@ -188,43 +236,30 @@ class Method:
         """Put the inference head into the model and record the method in its config."""
         model.classifier = head
         model.config.method = self.name
-        model.config.fusion_ratio = float(self.cfg.fusion_ratio)
+        ratio = getattr(self.params, "fusion_ratio", None)
+        if ratio is not None:  # the model config records a fusion method's ratio
+            model.config.fusion_ratio = float(ratio)
         return model
 
 
-# ---------------------------------------------------------------------------------------------- the registry
+class _NameProbe:
+    """A stand-in Optuna trial that records the names suggested and answers each with its first option."""
 
-_METHODS: dict[str, type[Method]] = {}
+    def __init__(self) -> None:
+        self.names: list[str] = []
 
+    def suggest_float(self, name: str, low: float, high: float, **_: Any) -> float:
+        self.names.append(name)
+        return low
 
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: ``@register_method("crt") class CRT(Method): ...`` makes ``--method crt`` work."""
+    def suggest_int(self, name: str, low: int, high: int, **_: Any) -> int:
+        self.names.append(name)
+        return low
 
-    def deco(cls: type[Method]) -> type[Method]:
-        key = _key(name)
-        if key in _METHODS and _METHODS[key] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[key].__module__}")
-        if not issubclass(cls, Method):
-            raise TypeError(f"{cls.__name__} must subclass pih2t_hub.methods.Method")
-        cls.name = name
-        _METHODS[key] = cls
-        return cls
-
-    return deco
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        self.names.append(name)
+        return choices[0]
 
 
-def get_method(name: str) -> type[Method]:
-    """The method class by name (``pi-h2t``, ``pi_h2t`` and ``PI-H2T`` are one); unknown names list close ones."""
-    key = _key(name)
-    if key not in _METHODS:
-        raise ValueError(unknown_method_message(name, list_methods()))
-    return _METHODS[key]
-
-
-def list_methods(trainable: bool | None = None) -> list[str]:
-    """Registered method names, sorted; ``trainable=True``/``False`` keeps only those with/without a recipe."""
-    return sorted(cls.name for cls in _METHODS.values()
-                  if trainable is None or (cls.recipe is not None) == trainable)
-
-
-__all__ = ["Method", "Recipe", "Stage2Context", "register_method", "get_method", "list_methods", "Fuse"]
+__all__ = ["Method", "MethodConfig", "Recipe", "Stage2Context", "register_method", "get_method", "list_methods", "Fuse",
+           "fusion_methods"]

@@ -13,6 +13,7 @@ class ClassBalanced(LossMethod):
     paper = "Cui et al., Class-Balanced Loss Based on Effective Number of Samples, CVPR 2019"
     summary = "cross-entropy weighted by the inverse effective number (β = 0.9999)"
     loss = "cb"
+    loss_kwargs = {"beta": 0.9999}  # the loss's own default, written out: the published value of the searched β
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models.pih2t.heads import _check_finite, _check_tau, tau_normalize
+
 __all__ = [
     "tau_normalize",
     "tau_norm_logits",
@@ -33,31 +35,6 @@ __all__ = [
     "NCMClassifier",
     "crt_reinit",
 ]
-
-
-def _check_tau(tau: float) -> float:
-    tau = float(tau)
-    if not tau >= 0.0:  # also rejects NaN
-        raise ValueError(f"tau must be >= 0, got {tau}")
-    return tau
-
-
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contain NaN or inf")
-
-
-def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
-    """τ-normalised classifier weights: row c becomes w_c / ||w_c||_2^τ (``weight`` has shape (C, D)).
-
-    τ = 0 leaves the weights unchanged, τ = 1 gives unit-norm rows. A zero row stays zero.
-    """
-    tau = _check_tau(tau)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must have shape (num_classes, dim), got {tuple(weight.shape)}")
-    _check_finite("weight", weight)
-    norms = weight.norm(dim=1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)
-    return weight / norms.pow(tau)
 
 
 def tau_norm_logits(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,20 @@ class ChannelReplacement:
         return self(fused, fusing, labels, -1).float()
 
 
+@dataclass(frozen=True)
+class H2TParams:
+    """H2T's knob: ``fusion_ratio`` p, the fraction of channels replaced, in [0, 1] (0.25 in the paper's CIFAR
+    recipe; ``--fusion-ratio`` is an alias)."""
+
+    fusion_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        p = self.fusion_ratio
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:  # NaN fails too
+            raise ValueError(f"fusion_ratio must lie in [0, 1], got {p!r}")
+        object.__setattr__(self, "fusion_ratio", float(p))
+
+
 @register_method("h2t")
 class H2T(Method):
     """A random ⌊p·C⌋ channel subset of each fused-branch (class-balanced) sample is replaced by the channels of a
@@ -38,10 +53,12 @@ class H2T(Method):
     recipe = H2T_RECIPE
     sampler = "dual"
     fusion_site = "map"
+    Params = H2TParams
 
     def make_fusion(self, ctx: Stage2Context) -> Fuse:
-        return ChannelReplacement(float(self.cfg.fusion_ratio), ctx.generator)
+        return ChannelReplacement(self.params.fusion_ratio, ctx.generator)
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
-        return {**super().search_space(trial), "fusion_ratio": trial.suggest_float("fusion_ratio", 0.05, 0.6)}
+        return {**super().search_space(trial),
+                "method_kwargs": {"fusion_ratio": trial.suggest_float("fusion_ratio", 0.05, 0.6)}}

@@ -15,7 +15,7 @@ class LDAMDRW(LossMethod):
     loss = "ldam_drw"
     # Our heads emit logits directly (a linear head, or a cosine head that applies its own scale), so the margins
     # act on logits with s = 1 instead of the paper's s = 30 on a normalised head.
-    loss_kwargs = {"s": 1.0}
+    loss_kwargs = {"s": 1.0, "max_m": 0.5}  # max_m: the paper's (and the loss's default) largest margin
     recipe = Recipe(epochs=200, lr=0.1, batch_size=128, weight_decay=2e-4, schedule="multistep", warmup=5,
                     milestones=(0.8, 0.9), gamma=0.01,
                     source="LDAM-DRW official CIFAR recipe: 200 epochs, lr 0.1 with 5 warm-up epochs, x0.01 at "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,10 +20,24 @@ class LogitAdjusted(LossMethod):
     paper = "Menon et al., Long-tail learning via logit adjustment, ICLR 2021"
     summary = "loss on logits + τ·log prior (τ = 1); raw logits at inference"
     loss = "logit_adjusted"
+    loss_kwargs = {"tau": 1.0}  # the loss's own default, written out: the published value of the searched τ
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
         return {**super().search_space(trial), "loss_kwargs": {"tau": trial.suggest_float("tau", 0.5, 2.0)}}
+
+
+@dataclass(frozen=True)
+class PosthocParams:
+    """``tau``: the scale of the log prior subtracted from the logits (1 in the paper), >= 0."""
+
+    tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+        object.__setattr__(self, "tau", float(tau))
 
 
 @register_method("logit_adjusted_posthoc")
@@ -29,8 +45,10 @@ class PosthocLogitAdjusted(Method):
     paper = "Menon et al., Long-tail learning via logit adjustment, ICLR 2021 (post-hoc, the official default)"
     summary = "no training: τ·log prior subtracted from the stage-1 logits (τ = 1), folded into the head's bias"
 
+    Params = PosthocParams
+
     def finalize(self, trained: nn.Module, ctx: Stage2Context) -> nn.Module:
-        tau = float(self.cfg.method_kwargs.get("tau", 1.0))
+        tau = self.params.tau
         if not isinstance(trained, nn.Linear):
             raise ValueError(f"post-hoc logit adjustment needs a linear head, got {type(trained).__name__}")
         head = copy.deepcopy(trained)

@@ -8,19 +8,38 @@ distance (``--method-kwargs "{distance: class_spread, mapping: square}"``), so n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..models.pih2t.fusion import H2TFusion
+from ..models.pih2t.fusion import H2TF_MAPPINGS, H2TF_MODES, H2TFusion
 from .base import Fuse, Method, Stage2Context, register_method
 from .ce import H2T_RECIPE
+from .params import check_choice
 
 # distances whose inputs a stage-2 step has (``pair`` would also need the fusing branch's labels)
 STAGE2_DISTANCES = ("global", "class_spread", "frequency", "global_frequency", "cross")
 # The default candidate: best mean rank of validation balanced accuracy over the benchmark settings (digits-LT and
 # Fashion-MNIST-LT A, B, C at 64 px; the test split was not read), benchmarks/results/h2tf_distance.json.
 DEFAULT_DISTANCE, DEFAULT_MAPPING = "frequency", "fragment"
+
+
+@dataclass(frozen=True)
+class PIH2TParams:
+    """PI-H2T's stage-2 knobs: the ``distance`` the keep ratio ρ is derived from, its ``mapping`` to ρ, and the
+    ``h2tf_mode`` of the fusion on pooled features (``--h2tf-mode`` is an alias)."""
+
+    distance: str = DEFAULT_DISTANCE
+    mapping: str = DEFAULT_MAPPING
+    h2tf_mode: str = "interpolate"
+
+    def __post_init__(self) -> None:
+        if self.distance not in STAGE2_DISTANCES:
+            raise ValueError(f"PI-H2T distance {self.distance!r} is not available in stage 2; choose one of "
+                             f"{list(STAGE2_DISTANCES)}")
+        check_choice("mapping", self.mapping, H2TF_MAPPINGS)
+        check_choice("h2tf_mode", self.h2tf_mode, H2TF_MODES)
 
 
 @register_method("pi-h2t")
@@ -32,18 +51,15 @@ class PIH2T(Method):
     fusion_site = "pooled"
     stage1_pif = True
     needs_features = True  # class statistics come from the stage-1 train features
+    Params = PIH2TParams
 
     def _fusion(self, ctx: Stage2Context) -> H2TFusion:
         if ctx.train_features is None:
             raise ValueError("PI-H2T needs the stage-1 train features for its class statistics")
-        kw = self.cfg.method_kwargs
-        distance = kw.get("distance", DEFAULT_DISTANCE)
-        if distance not in STAGE2_DISTANCES:
-            raise ValueError(f"PI-H2T distance {distance!r} is not available in stage 2; choose one of "
-                             f"{list(STAGE2_DISTANCES)}")
         x, y = ctx.train_features
-        return H2TFusion.from_features(x, y, ctx.num_classes, distance=distance, mode=self.cfg.h2tf_mode,
-                                       mapping=kw.get("mapping", DEFAULT_MAPPING), generator=ctx.generator)
+        p = self.params
+        return H2TFusion.from_features(x, y, ctx.num_classes, distance=p.distance, mode=p.h2tf_mode,
+                                       mapping=p.mapping, generator=ctx.generator)
 
     def make_fusion(self, ctx: Stage2Context) -> Fuse:
         self.fusion = self._fusion(ctx)
@@ -59,7 +75,8 @@ class PIH2T(Method):
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
-        return {**super().search_space(trial),
-                "h2tf_mode": trial.suggest_categorical("h2tf_mode", ["interpolate", "replace"]),
-                "method_kwargs": {"distance": trial.suggest_categorical("distance", list(STAGE2_DISTANCES)),
-                                  "mapping": trial.suggest_categorical("mapping", ["fragment", "square"])}}
+        base = super().search_space(trial)
+        mode = trial.suggest_categorical("h2tf_mode", ["interpolate", "replace"])  # the order Optuna suggests in
+        return {**base, "method_kwargs": {"h2tf_mode": mode,
+                                          "distance": trial.suggest_categorical("distance", list(STAGE2_DISTANCES)),
+                                          "mapping": trial.suggest_categorical("mapping", ["fragment", "square"])}}

@@ -30,10 +30,13 @@ def _hf_backbone_spec(name_or_config: Any, pretrained: bool) -> tuple[dict[str, 
     hf_config = AutoConfig.from_pretrained(name_or_config)
     encoder = None
     if pretrained:
-        try:
-            encoder = AutoModel.from_pretrained(name_or_config, add_pooling_layer=False)
-        except TypeError:
-            encoder = AutoModel.from_pretrained(name_or_config)
+        from .._progress import quiet_transformers_bars
+
+        with quiet_transformers_bars():
+            try:
+                encoder = AutoModel.from_pretrained(name_or_config, add_pooling_layer=False)
+            except TypeError:
+                encoder = AutoModel.from_pretrained(name_or_config)
     data_config = None
     try:
         proc = AutoImageProcessor.from_pretrained(name_or_config)
@@ -68,14 +71,18 @@ def create_model(
     class_counts: list[int] | None = None,
     **config_kwargs: Any,
 ) -> PIH2TForImageClassification:
-    """Build a ``PIH2TForImageClassification`` on any timm or Hugging Face backbone.
+    """Build a ``PIH2TForImageClassification`` on any timm or Hugging Face backbone; random backbone weights unless
+    ``pretrained=True`` (timm's convention).
 
     Args:
         backbone: a registry alias (``vit_base``, ``effnet_lite0``, ...), a timm name (``resnet50.a1_in1k``,
             ``hf-hub:...``, ``local-dir:...``), ``hf:<model id>``, a folder with an HF ``config.json``, or a
             ``transformers.PretrainedConfig`` of a vision encoder (random weights; used by tests).
         num_labels: number of classes (or give ``id2label``).
-        pretrained: load the backbone's pretrained weights (the head is always new).
+        pretrained: load the backbone's pretrained weights (the head is always new). Defaults to ``False``, as
+            ``timm.create_model`` does: without it the backbone is randomly initialised, which suits tests and
+            from-scratch training; pass ``pretrained=True`` to fine-tune pretrained weights (the training
+            command line's ``--pretrained`` defaults to true and passes it).
         id2label: class names; ``label2id`` is derived.
         class_counts: training images per class, recorded in the config.
         **config_kwargs: any other `PIH2TConfig` field (``head_type``, ``pif``, ``method``, ...).

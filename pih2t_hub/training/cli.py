@@ -23,8 +23,10 @@ from typing import Any, Callable, Sequence
 from transformers import HfArgumentParser
 
 from .config import GROUPS, ConfigError, RunConfig
+from .interrupt import Terminated, terminate_like_ctrl_c
 
-__all__ = ["UsageError", "build_parser", "resolve_config", "main", "USER_ERRORS"]
+__all__ = ["UsageError", "add_config_flags", "build_parser", "check_combinations", "resolve_config", "main",
+           "USER_ERRORS"]
 
 _UNSET = object()  # "flag not given" (None is a real value: `--max-per-class none`)
 _RENAMED = {"--epochs": "--stage1-epochs / --stage2-epochs", "--lr": "--stage1-lr / --stage2-lr"}
@@ -88,21 +90,35 @@ def _optional(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 
-def build_parser(description: str | None = None) -> HfArgumentParser:
-    """The parser: ``--config``, ``--debug`` and one flag per :class:`RunConfig` field, in groups."""
+def build_parser(description: str | None = None, exclude: typing.Collection[str] = (),
+                 extra: typing.Sequence[type] = ()) -> HfArgumentParser:
+    """The parser: ``--config``, ``--debug`` and one flag per :class:`RunConfig` field (but ``exclude``), in groups;
+    then one per field of each ``extra`` dataclass (e.g. the comparison's own), in the groups they name."""
     parser = _Parser([], description=description, formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(
         prog, max_help_position=36, width=118))
     parser.add_argument("--config", help="recipe YAML: a path, or a name in recipes/configs/ (flags override it)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    groups = {name: parser.add_argument_group(name) for name in GROUPS}
-    hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
+    names = dict.fromkeys([*(f.metadata["group"] for c in extra for f in dataclasses.fields(c)), *GROUPS])
+    groups = {name: parser.add_argument_group(name) for name in names}  # the extra groups first in --help
+    add_config_flags(parser, RunConfig, groups, exclude)
+    for config in extra:
+        add_config_flags(parser, config, groups)
+    _list_registered_methods(parser)
+    return parser
+
+
+def add_config_flags(parser: HfArgumentParser, config: type, groups: dict[str, Any],
+                     exclude: typing.Collection[str] = ()) -> None:
+    """One flag per field of the dataclass ``config`` (but ``exclude``), in the argument group its ``group``
+    metadata names: what ``HfArgumentParser`` derives from the field, adapted by :class:`_Group`."""
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        if f.name in exclude:
+            continue
         field = copy.copy(f)  # HfArgumentParser resolves .type in place: leave the dataclass's own fields alone
         field.type = hints[f.name]
         field.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k in ("help", "choices")})
         HfArgumentParser._parse_dataclass_field(_Group(groups[f.metadata["group"]], _optional(field.type)), field)
-    _list_registered_methods(parser)
-    return parser
 
 
 def _list_registered_methods(parser: argparse.ArgumentParser) -> None:
@@ -131,8 +147,51 @@ def resolve_config(argv: Sequence[str] | None = None, config_dir: Path | None = 
     namespace = argparse.Namespace(**{n: _UNSET for n in names})  # argparse fills only what is absent
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv), namespace=namespace)
     data = _recipe(args.config, config_dir) if args.config else {}
-    data.update({n: getattr(args, n) for n in names if getattr(args, n) is not _UNSET})
-    return RunConfig.from_dict(data).validate()
+    given = {n for n in names if getattr(args, n) is not _UNSET}
+    data.update({n: getattr(args, n) for n in given})
+    cfg = RunConfig.from_dict(data).validate()
+    for warning in check_combinations(cfg, given):
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+#: Flags that only say something about the start model, which ``--init-from`` replaces by the saved one.
+_START_MODEL = ("backbone", "pretrained", "head_type")
+
+
+def check_combinations(cfg: RunConfig, given: set[str]) -> list[str]:
+    """Refuse flags given on the command line that would do nothing in this combination; return warnings.
+
+    A flag that a run ignores leaves the user believing something ran that did not, so it is refused
+    (:class:`UsageError`): ``--stage2-*`` values with ``--stage 1``, ``--resume-strict`` without ``--resume``,
+    ``--mixup-alpha`` when no end-to-end stage 1 runs, ``--backbone`` / ``--pretrained`` / ``--head-type`` with
+    ``--init-from``. Only flags given count: a recipe's value, or a default, is not the user's claim. A combination
+    that runs but is rarely meant is a warning: ``--stage 2`` without ``--init-from`` trains stage 2 on a head that
+    stage 1 never trained.
+    """
+    if cfg.stage == "1":
+        extra = [n for n in sorted(given) if n.startswith("stage2_") and n != "stage2_mode"]
+        if extra:
+            raise UsageError(f"{', '.join(map(_flag, extra))} does nothing with --stage 1 (stage 2 does not run); "
+                             "drop it, or use --stage both")
+    if "resume_strict" in given and cfg.resume_strict and not cfg.resume:
+        raise UsageError("--resume-strict does nothing without --resume; add --resume, or drop it")
+    finetune = cfg.stage1_mode == "finetune" and cfg.stage in ("1", "both")
+    if "mixup_alpha" in given and cfg.mixup_alpha > 0 and not finetune:
+        raise UsageError("--mixup-alpha applies to stage 1 with --stage1-mode finetune only (a linear probe on "
+                         "cached features, or --stage 2, mixes no images)")
+    ignored = [n for n in _START_MODEL if n in given]
+    if cfg.init_from and ignored:
+        raise UsageError(f"{', '.join(map(_flag, ignored))} does nothing with --init-from (the saved model "
+                         f"{cfg.init_from} carries its own backbone, weights and head); drop it")
+    if cfg.stage == "2" and not cfg.init_from:
+        return ["--stage 2 without --init-from trains stage 2 on a classifier head that stage 1 never trained "
+                "(pass --init-from <a stage-1 run>/model, or use --stage both)"]
+    return []
 
 
 def _one_line(err: BaseException) -> str:
@@ -157,7 +216,8 @@ USER_ERRORS = _user_errors()
 
 def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
          description: str | None = None) -> int:
-    """Parse, check, lock, run. Returns the exit code: 0, 2 (a configuration or data error), 130 (Ctrl-C), 1."""
+    """Parse, check, lock, run. Returns the exit code: 0, 2 (a configuration or data error), 130 (Ctrl-C),
+    143 (SIGTERM), 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         build_parser(description).print_help()
@@ -168,13 +228,15 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
         from .resume import run_guard
 
         cfg = preflight(resolve_config(argv, config_dir))
-        with run_guard(cfg):
+        with terminate_like_ctrl_c(), run_guard(cfg):
             from .run import run  # the heavy imports (datasets, accelerate) only once the config is known good
 
             run(cfg)
-    except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the newest checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): exit codes 130 and 143, as a shell reports
+        terminated = isinstance(err, Terminated)
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: rerun with --resume to continue from the "
+              "newest checkpoint", file=sys.stderr)
+        return 143 if terminated else 130
     except USER_ERRORS as err:
         if debug:
             raise

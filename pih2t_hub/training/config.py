@@ -23,6 +23,8 @@ import yaml
 from .._atomic import atomic_write_text
 
 GROUPS = ("data", "model", "method", "stages", "training", "output", "hub")
+#: flags kept for method parameters that used to be run fields (``--fusion-ratio`` is ``method_kwargs.fusion_ratio``)
+METHOD_PARAM_ALIASES = ("fusion_ratio", "h2tf_mode")
 SAMPLERS = ("instance", "balanced", "sqrt", "progressive", "dual")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
 
@@ -75,10 +77,15 @@ class RunConfig:
                           "another loss is 'X + H2T')")
     sampler: str | None = _f(None, "method", "stage-2 sampler; none: the method's own (one of "
                              f"{', '.join(SAMPLERS)})")
-    fusion_ratio: float = _f(0.25, "method", "H2T fusion ratio p: fraction of channels replaced, in [0, 1]")
-    h2tf_mode: str = _f("interpolate", "method", "PI-H2T fusion on pooled features", ("interpolate", "replace"))
     loss_kwargs: dict[str, Any] = _f({}, "method", "YAML mapping of extra loss arguments, e.g. '{tau: 1.5}'")
-    method_kwargs: dict[str, Any] = _f({}, "method", "YAML mapping of method hyper-parameters (e.g. DLSA's)")
+    method_kwargs: dict[str, Any] = _f({}, "method", "YAML mapping of the method's own parameters, e.g. "
+                                       "'{fusion_ratio: 0.3}' (docs/methods.md lists each method's); unknown keys "
+                                       "are refused")
+    # aliases of method parameters, moved into method_kwargs when the config is made (see __post_init__)
+    fusion_ratio: float | None = _f(None, "method", "alias of --method-kwargs '{fusion_ratio: P}': H2T's fraction "
+                                    "of channels replaced, in [0, 1] (default 0.25)")
+    h2tf_mode: str | None = _f(None, "method", "alias of --method-kwargs '{h2tf_mode: M}': PI-H2T's fusion on "
+                               "pooled features, interpolate (default) or replace")
     # stages
     stage: str = _f("both", "stages", "which stages to run", ("1", "2", "both"))
     stage1_mode: str = _f("linear", "stages", "stage 1: 'linear' probe on cached features of the frozen backbone, "
@@ -88,11 +95,12 @@ class RunConfig:
                           "every step, shift-BN)", ("cached", "online"))
     stage1_epochs: int = _f(10, "stages", "stage-1 epochs (>= 1)")
     stage1_lr: float = _f(0.1, "stages", "stage-1 learning rate (> 0, cosine per epoch)")
-    mixup_alpha: float = _f(0.0, "stages", "stage-1 mixup Beta(a, a) parameter; 0: no mixup")
+    mixup_alpha: float = _f(0.0, "stages", "stage-1 mixup Beta(a, a) parameter, with --stage1-mode finetune; "
+                             "0: no mixup")
     shift_bn: bool = _f(True, "stages", "stage 2 online: re-estimate the frozen backbone's BN statistics")
     batch_size: int = _f(128, "stages", "stage-1 and feature-extraction batch size per process")
     weight_decay: float = _f(5e-4, "stages", "stage-1 weight decay (>= 0)")
-    momentum: float = _f(0.9, "stages", "SGD momentum (>= 0)")
+    momentum: float = _f(0.9, "stages", "SGD momentum, in [0, 1)")
     # stage 2: None takes the method's published recipe (pih2t_hub.methods); the resolved values are recorded
     stage2_epochs: int | None = _f(None, "stages", "stage-2 epochs (>= 1); none: the method's recipe")
     stage2_lr: float | None = _f(None, "stages", "stage-2 learning rate (> 0); none: the method's recipe")
@@ -130,7 +138,8 @@ class RunConfig:
                                "runs: its manifest decides reuse)")
     checkpoint_every: int = _f(0, "output", "also checkpoint every N optimiser steps (0: at epoch ends only)")
     keep_last: int = _f(2, "output", "checkpoints kept per stage (0: all)")
-    resume: bool = _f(False, "output", "continue from the newest valid checkpoint (the config must match)")
+    resume: bool = _f(False, "output", "continue from the newest valid checkpoint (the config must match); takes "
+                       "over the lock of a run provably dead on this host")
     resume_strict: bool = _f(False, "output", "with --resume: refuse to start when there is no valid checkpoint")
     force_unlock: bool = _f(False, "output", "take over the lock left by a run that died (reported first)")
     export: str = _f("pih2t", "output", "saved model format: transformers with remote code, or a plain timm "
@@ -139,6 +148,19 @@ class RunConfig:
     push_to_hub: bool = _f(False, "hub", "upload the model folder to the Hub when the run ends (needs a token)")
     hub_model_id: str | None = _f(None, "hub", "Hub repository id, 'owner/name'")
     hub_format: str = _f("pih2t", "hub", "what --push-to-hub uploads", ("pih2t", "timm"))
+
+    def __post_init__(self) -> None:
+        """The alias fields are method parameters: their values move into ``method_kwargs``, where the method reads
+        and validates them (and where the recorded config shows them)."""
+        for alias in METHOD_PARAM_ALIASES:
+            value = getattr(self, alias)
+            if value is None or not isinstance(self.method_kwargs, dict):
+                continue
+            if alias in self.method_kwargs and self.method_kwargs[alias] != value:
+                raise ConfigError(f"{alias} is given twice with different values: {value!r} and method_kwargs "
+                                  f"{alias}: {self.method_kwargs[alias]!r}")
+            self.method_kwargs = {**self.method_kwargs, alias: value}
+            setattr(self, alias, None)
 
     def validate(self) -> "RunConfig":
         """Check types (coercing int -> float where a number is expected), choices, ranges and names; raise
@@ -232,8 +254,9 @@ _HINTS = {"stage1_epochs": " (--stage 2 with --init-from skips stage 1)", "stage
 def _check_ranges(cfg: RunConfig) -> None:
     if cfg.imbalance_ratio is not None and (not math.isfinite(cfg.imbalance_ratio) or cfg.imbalance_ratio < 1):
         raise ConfigError(f"imbalance_ratio must be finite and >= 1, got {cfg.imbalance_ratio}")
-    if not 0.0 <= cfg.fusion_ratio <= 1.0:  # NaN fails too
-        raise ConfigError(f"fusion_ratio must lie in [0, 1], got {cfg.fusion_ratio}")
+    ratio = cfg.method_kwargs.get("fusion_ratio")  # the alias flag's range, known before the method is imported
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and not 0.0 <= ratio <= 1.0:  # NaN fails
+        raise ConfigError(f"fusion_ratio must lie in [0, 1], got {float(ratio)}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ConfigError(f"val_fraction must lie in (0, 1): model selection needs a validation split, "
                           f"got {cfg.val_fraction}")
@@ -248,6 +271,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or value < 0 or (value == 0 and "lr" in name)):
             raise ConfigError(f"{name} must be finite and {'> 0' if 'lr' in name else '>= 0'}, got {value}")
+    if not 0.0 <= cfg.momentum < 1.0:  # 1 or more: the velocity never decays, and the weights run away
+        raise ConfigError(f"momentum must lie in [0, 1), got {cfg.momentum}")
     if not cfg.dataset.strip():
         raise ConfigError("dataset must not be empty")
 

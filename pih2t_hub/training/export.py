@@ -18,9 +18,10 @@ from .context import RunContext
 
 PLOT = "accuracy_vs_frequency.png"
 
-CARD_HPARAMS = ("loss", "sampler", "fusion_ratio", "h2tf_mode", "stage1_mode", "stage2_mode", "shift_bn",
-                "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr", "stage2_batch_size", "stage2_weight_decay",
-                "weight_decay", "momentum", "batch_size", "mixup_alpha", "loss_kwargs", "method_kwargs")
+#: the run's own values on the card; the method adds its parameters (``Method.card_params``)
+RUN_HPARAMS = ("loss", "sampler", "stage1_mode", "stage2_mode", "shift_bn", "stage1_epochs", "stage1_lr",
+               "stage2_epochs", "stage2_lr", "stage2_batch_size", "stage2_weight_decay", "weight_decay", "momentum",
+               "batch_size", "mixup_alpha", "loss_kwargs")
 
 
 def write_outputs(ctx: RunContext, results: dict[str, Any]) -> None:
@@ -33,8 +34,10 @@ def write_outputs(ctx: RunContext, results: dict[str, Any]) -> None:
     from .record import recorded_config
 
     model, out = ctx.model, ctx.out
+    derived = results.get("derived_loss_kwargs")  # e.g. LDAM-DRW's re-weighting epoch, derived from the epochs
     cfg = ctx.cfg = recorded_config(ctx.cfg, image_size=results["image_size"],
-                                    mixed_precision=results["mixed_precision"])
+                                    mixed_precision=results["mixed_precision"],
+                                    loss_kwargs={**ctx.cfg.loss_kwargs, **derived} if derived else None)
     extra: dict[str, Any] = {}
     if "per_class" in results:
         from ..evaluation.plots import plot_accuracy_vs_frequency
@@ -59,7 +62,8 @@ def _card_config(ctx: RunContext, results: dict[str, Any]) -> dict[str, Any]:
     """The card is rendered from the resolved run config, the method's recipe source and the run's facts."""
     cfg = ctx.cfg
     recipe = ctx.method.recipe
-    hparams = {k: getattr(cfg, k) for k in CARD_HPARAMS}
+    hparams = {k: getattr(cfg, k) for k in RUN_HPARAMS}
+    hparams.update(ctx.method.card_params())
     hparams["recipe_source"] = recipe.source if recipe is not None else "no stage-2 training"
     return {**cfg.to_dict(), "global_batch_size": results["global_batch"], "hyperparameters": hparams,
             "hardware": f"{results['num_processes']} process(es), {platform.machine()}, torch {torch.__version__}",

@@ -25,7 +25,8 @@ from ..models.adapt import adapt, resolve_spec
 from ..models.pih2t.heads import CosineHead, LinearHead
 from .cache import extract_features
 from .context import RunContext, loader_generator
-from .loop import LoopState, SeededFetch, cosine_per_epoch, load_best, train_loop
+from ..schedules import cosine_schedule
+from .loop import LoopState, SeededFetch, load_best, train_loop
 from .predict import predict_logits, summarize
 
 
@@ -121,7 +122,7 @@ def peft_stage1(ctx: RunContext) -> LoopState:
 
     state = train_loop(acc, trainable=tuned_p, optimizer=opt, loader=loader,
                        step=lambda b: loss_fn(tuned_p(b["pixel_values"]), b["labels"]), epochs=cfg.stage1_epochs,
-                       lr_at_epoch=cosine_per_epoch(cfg.peft_lr, cfg.stage1_epochs), evaluate=evaluate,
+                       lr_scheduler=cosine_schedule(opt, cfg.stage1_epochs), evaluate=evaluate,
                        checkpoint_dir=ctx.checkpoint_dir("stage1"), checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, batch_size_of=lambda b: len(b["labels"]),
                        desc=f"stage 1 (peft {spec['kind']})", callbacks=ctx.callbacks, extra_state=ctx.extra_state,

@@ -6,9 +6,12 @@ other, and a checkpoint of one was left half-written. :func:`output_lock` holds 
 * exclusivity comes from ``flock`` on the open file, which the kernel drops when the holder exits however it
   exits, so a live holder is never mistaken for a dead one;
 * the file records who holds it (pid, host, start time, command), so the refusal names the holder;
-* a clean exit (including Ctrl-C and exceptions) removes the file. A file that is still there but not locked was
-  left by a run that died (SIGKILL, power loss): it is reported as stale and taken over only with
-  ``force=True`` (``--force-unlock``), since its checkpoints may be half-written;
+* a clean exit (including Ctrl-C, SIGTERM and exceptions) removes the file. A file that is still there but not
+  locked was left by a run that died (SIGKILL, power loss): it is reported as stale. ``--resume`` (``take_over_dead``)
+  takes it over, saying so, when the holder is provably gone: recorded on this host (same host name and boot) and
+  its pid no longer runs, or now belongs to a process that started at another time (a reused pid). Where that
+  cannot be proven (another host, a pid still running), and for a run without ``--resume`` (which would remove
+  the dead run's checkpoints), only ``force=True`` (``--force-unlock``) takes it over;
 * the lock is re-entrant within a process (the CLI takes it before the heavy imports, ``run()`` takes it again).
 """
 
@@ -40,7 +43,8 @@ class OutputLockedError(RuntimeError):
 
 
 class StaleLockError(RuntimeError):
-    """A lock file left by a run that is gone; take it over with ``force=True`` (``--force-unlock``)."""
+    """A lock file left by a run that is gone; taken over by ``--resume`` when its holder is provably gone from this
+    host, else only with ``force=True`` (``--force-unlock``)."""
 
 
 def read_lock(path: str | os.PathLike[str]) -> dict:
@@ -58,17 +62,49 @@ def _describe(info: dict) -> str:
             f" ({info.get('command', '?')})")
 
 
-def _pid_state(info: dict) -> str:
-    """Why a recorded holder is not holding the lock: 'is no longer running' or what we cannot check."""
-    if info.get("host") != socket.gethostname():
-        return "holds no lock from this host (it ran on another machine: check it is gone)"
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux), so that a pid recorded before a reboot is not compared with today's."""
     try:
-        os.kill(int(info.get("pid", -1)), 0)
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22); None where unknown.
+
+    A pid and its start time name one process: a pid that is reused belongs to a process with another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else None
+
+
+def _holder_state(info: dict) -> tuple[bool, str]:
+    """``(provably gone, why)`` for a recorded holder that does not hold the lock.
+
+    Gone is proven only on this host and boot: the pid does not run, or runs with another start time (reused).
+    """
+    if info.get("host") != socket.gethostname():
+        return False, "holds no lock from this host (it ran on another machine: check it is gone)"
+    if info.get("boot_id") != _boot_id():
+        return False, "holds no lock (it ran before this machine's last boot, or on another machine of this name)"
+    try:
+        pid = int(info.get("pid", -1))
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return "is no longer running"
-    except (PermissionError, ValueError, OverflowError):
-        pass
-    return "no longer holds the lock (the pid was reused)"
+        return True, "is no longer running"
+    except (ValueError, OverflowError):
+        return False, "holds no lock (its pid is unreadable)"
+    except PermissionError:
+        pass  # a live process of another user
+    recorded, now = info.get("proc_start"), _process_start(pid)
+    if recorded is not None and now is not None and recorded != now:
+        return True, "is no longer running (its pid now belongs to another process)"
+    return False, "no longer holds the lock but its pid is in use (reused, or it runs without the lock)"
 
 
 def _open_locked(path: Path) -> int:
@@ -92,20 +128,25 @@ def _open_locked(path: Path) -> int:
         os.close(fd)
 
 
-def _acquire(folder: Path, force: bool, report: Callable[[str], None]) -> int:
+def _acquire(folder: Path, force: bool, take_over_dead: bool, report: Callable[[str], None]) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     fd = _open_locked(path)
     previous = read_lock(path)
     if previous:
-        message = f"stale lock in {folder}: {_describe(previous)} {_pid_state(previous)}"
-        if not force:
+        gone, why = _holder_state(previous)
+        message = f"stale lock in {folder}: {_describe(previous)} {why}"
+        if force:
+            report(f"{message}: taken over (--force-unlock)")
+        elif gone and take_over_dead:
+            report(f"{message}: taken over (--resume; the holder is gone from this host)")
+        else:
             os.close(fd)
+            how = "--resume to continue it, or with --force-unlock" if gone else "--force-unlock"
             raise StaleLockError(f"{message}; its checkpoints may be incomplete (--resume skips those): rerun with "
-                                 "--force-unlock to take the lock over")
-        report(f"{message}: taken over (--force-unlock)")
+                                 f"{how} to take the lock over")
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(sys.argv)[:500]}
+            "command": " ".join(sys.argv)[:500], "boot_id": _boot_id(), "proc_start": _process_start(os.getpid())}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     os.fsync(fd)
@@ -113,12 +154,12 @@ def _acquire(folder: Path, force: bool, report: Callable[[str], None]) -> int:
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike[str], force: bool = False,
-                report: Callable[[str], None] = print) -> Iterator[Path]:
+def output_lock(folder: str | os.PathLike[str], force: bool = False, report: Callable[[str], None] = print,
+                take_over_dead: bool = False) -> Iterator[Path]:
     """Hold ``<folder>/.pih2t.lock`` for the ``with`` block (created with ``folder``); yield the lock file's path.
 
     Raises :class:`OutputLockedError` at once when a live run holds it, :class:`StaleLockError` when a dead run
-    left it (unless ``force``).
+    left it, unless ``force``, or ``take_over_dead`` (``--resume``) and the holder is provably gone.
     """
     folder = Path(folder)
     key = str(folder.resolve())
@@ -126,7 +167,7 @@ def output_lock(folder: str | os.PathLike[str], force: bool = False,
     if key in _HELD:
         _HELD[key][1] += 1
     else:
-        _HELD[key] = [_acquire(folder, force, report), 1]
+        _HELD[key] = [_acquire(folder, force, take_over_dead, report), 1]
     try:
         yield path
     finally:

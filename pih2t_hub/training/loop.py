@@ -2,7 +2,7 @@
 
 Stage 1 (end to end), stage 2 online (frozen backbone, two branches) and stage 2 on cached features all run
 through :func:`train_loop`; they differ only in the ``step`` they pass (batch → loss), the optimiser's parameters
-and the loader. The loop owns what they share: per-epoch learning rate, gradient accumulation, progress bars on
+and the loader. The loop owns what they share: stepping the per-epoch learning-rate scheduler, gradient accumulation, progress bars on
 the main process, validation-based model selection, sealed checkpoints every N steps and at each epoch end,
 mid-epoch resume (``skip_first_batches``) and a checkpoint on Ctrl-C.
 """
@@ -15,14 +15,16 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from .._progress import progress_bar as tqdm  # live on a terminal, one line per epoch in a log
 
 from .checkpoint import begin_checkpoint, latest_valid_checkpoint, seal_checkpoint, verify_checkpoint
 from .interrupt import DeferredInterrupt
@@ -89,23 +91,6 @@ class SeededFetch(Dataset):
 
     def __getitem__(self, index: Any) -> Any:
         return self.__getitems__([index])[0]
-
-
-def cosine_per_epoch(base_lr: float, epochs: int) -> Callable[[int], float]:
-    """H2T stage 2: ``lr_e = base · ½(1 + cos(π e / E))`` for ``e = 0..E−1`` (the last epoch does not reach 0)."""
-    return lambda e: base_lr * 0.5 * (1.0 + math.cos(math.pi * e / max(epochs, 1)))
-
-
-def warmup_multistep(base_lr: float, warmup: int, milestones: Iterable[int], gamma: float = 0.1) -> Callable[[int], float]:
-    """H2T/MiSLAS CIFAR stage 1: linear warm-up ``lr·(e+1)/warmup``, then ×gamma at each milestone (per epoch)."""
-    ms = sorted(milestones)
-
-    def lr(e: int) -> float:
-        if e < warmup:
-            return base_lr * (e + 1) / warmup
-        return base_lr * gamma ** sum(e >= m for m in ms)
-
-    return lr
 
 
 @dataclass
@@ -188,7 +173,7 @@ def train_loop(
     loader: Any,
     step: Callable[[Any], torch.Tensor],
     epochs: int,
-    lr_at_epoch: Callable[[int], float],
+    lr_scheduler: LRScheduler,
     evaluate: Callable[[int], dict[str, float]] | None = None,
     select_metric: str = "balanced",
     checkpoint_dir: str | Path | None = None,
@@ -212,7 +197,7 @@ def train_loop(
     buffers change outside the optimiser) saved per rank into every checkpoint and restored on resume.
     """
     memoise_lomo_check()
-    loop = _Loop(accelerator, trainable, optimizer, loader, step, epochs, lr_at_epoch, evaluate, select_metric,
+    loop = _Loop(accelerator, trainable, optimizer, loader, step, epochs, lr_scheduler, evaluate, select_metric,
                  checkpoint_dir, checkpoint_every, keep_last, list(callbacks), batch_size_of, desc,
                  dict(extra_state or {}), progress)
     if resume:
@@ -229,13 +214,13 @@ class _Loop:
     """
 
     def __init__(self, accelerator: Any, trainable: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
-                 step: Callable[[Any], torch.Tensor], epochs: int, lr_at_epoch: Callable[[int], float],
+                 step: Callable[[Any], torch.Tensor], epochs: int, lr_scheduler: LRScheduler,
                  evaluate: Callable[[int], dict[str, float]] | None, select_metric: str,
                  checkpoint_dir: str | Path | None, checkpoint_every: int, keep_last: int,
                  callbacks: list[LoopCallback], batch_size_of: Callable[[Any], int] | None, desc: str,
                  extra: dict[str, Any], progress: bool) -> None:
         self.acc, self.trainable, self.optimizer, self.loader, self.step = accelerator, trainable, optimizer, loader, step
-        self.epochs, self.lr_at_epoch, self.evaluate, self.select_metric = epochs, lr_at_epoch, evaluate, select_metric
+        self.epochs, self.scheduler, self.evaluate, self.select_metric = epochs, lr_scheduler, evaluate, select_metric
         self.ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every, self.keep_last, self.callbacks = checkpoint_every, keep_last, callbacks
         self.batch_size_of, self.desc, self.extra, self.progress = batch_size_of, desc, extra, progress
@@ -352,20 +337,28 @@ class _Loop:
         self.checkpoint()
         self.consistent = True
 
+    def replay_schedule(self) -> None:
+        """Step the (fresh) scheduler to the resumed epoch: the schedules are functions of the epoch, so this
+        gives exactly the learning rate the uninterrupted run had there."""
+        with warnings.catch_warnings():  # no optimiser step precedes these, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            while self.scheduler.last_epoch < self.state.epoch:
+                self.scheduler.step()
+
     def run(self) -> LoopState:
         state = self.state
         interrupt = DeferredInterrupt(self.acc).install()  # the first SIGINT waits for a consistent point
         try:
+            self.replay_schedule()
             while state.epoch < self.epochs:
                 epoch = state.epoch
-                lr = self.lr_at_epoch(epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = float(self.scheduler.get_last_lr()[0])
                 for callback in self.callbacks:
                     callback.on_epoch_begin(epoch)
                 if self.train_epoch(epoch, lr, interrupt):
                     return state
                 self.end_epoch(epoch, lr)
+                self.scheduler.step()
                 interrupt.raise_if_requested()
         except KeyboardInterrupt:
             if not self.consistent:
@@ -390,4 +383,4 @@ def load_best(trainable: nn.Module, state: LoopState) -> bool:
 
 
 __all__ = ["train_loop", "load_best", "LoopState", "LoopCallback", "EpochHook", "StopAfterSteps", "GeneratorState",
-           "SeededFetch", "cosine_per_epoch", "warmup_multistep"]
+           "SeededFetch"]

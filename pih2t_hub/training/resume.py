@@ -8,8 +8,10 @@ start :func:`prepare_checkpoints` therefore
   (``checkpoints/run_config.json``) on every key that changes the result and refuses, listing the differences;
 * with ``--resume`` and no valid checkpoint: says "no valid checkpoint in ...: starting fresh" (or refuses with
   ``--resume-strict``);
-* without ``--resume``: removes checkpoints left by an earlier run in the same directory (a later ``--resume``
-  must never pick up another experiment's newer step), then records this run's config.
+* without ``--resume``: nothing yet. Checkpoints left by an earlier run in the same directory must go (a later
+  ``--resume`` must never pick up another experiment's newer step), but only once this run has passed every check
+  (config, data, model build): :func:`clear_earlier_run`, called right before training, removes them and records
+  this run's config. A rerun refused for a bad ``--label-column`` leaves the earlier run resumable.
 
 :func:`run_guard` wraps a whole run: lock (main process only), then :func:`prepare_checkpoints`.
 """
@@ -28,7 +30,8 @@ from .checkpoint import latest_valid_checkpoint, list_checkpoints, write_atomic_
 from .config import RunConfig
 from .lock import output_lock
 
-__all__ = ["RESULT_NEUTRAL", "ResumeError", "config_differences", "prepare_checkpoints", "run_guard"]
+__all__ = ["RESULT_NEUTRAL", "ResumeError", "clear_earlier_run", "config_differences", "prepare_checkpoints",
+           "run_guard"]
 
 RUN_RECORD = "run_config.json"
 #: Keys that do not change what is trained or reported: where things go, how often they are saved, which tracker
@@ -38,7 +41,9 @@ RESULT_NEUTRAL = frozenset({
     "num_workers", "cache_dir", "export", "push_to_hub", "hub_model_id", "hub_format",
 })
 _STAGES = ("stage1", "stage2")
-_ACTIVE: set[str] = set()  # output dirs guarded in this process (the CLI guards, then run() is called inside)
+#: Output dirs guarded in this process (the CLI guards, then run() is called inside), with the config the guard
+#: checked: the one :func:`clear_earlier_run` records, so that a later ``--resume`` is compared like-for-like.
+_ACTIVE: dict[str, RunConfig] = {}
 
 
 class ResumeError(ValueError):
@@ -98,22 +103,37 @@ def _check_resume(cfg: RunConfig, root: Path, report: Callable[[str], None]) -> 
 
 
 def prepare_checkpoints(cfg: RunConfig, report: Callable[[str], None] = print) -> bool:
-    """Check ``--resume`` against the recorded config, or clear an earlier run's checkpoints; record this config.
+    """Check ``--resume`` against the recorded config; True when the run resumes.
 
-    Returns True when the run resumes. Call on the main process, under the output lock, before any work.
+    Removes and writes nothing: an earlier run's checkpoints stay until :func:`clear_earlier_run`. Call on the main
+    process, under the output lock, before any work.
+    """
+    return bool(cfg.resume) and _check_resume(cfg, Path(cfg.output_dir) / "checkpoints", report)
+
+
+def clear_earlier_run(cfg: RunConfig, accelerator: Any | None = None, report: Callable[[str], None] = print) -> bool:
+    """Right before training: unless the run resumes, remove an earlier run's checkpoints and record this config.
+
+    Called once the run has passed every check, so a rerun that fails on its data or model never costs the earlier
+    run its checkpoints. The config recorded is the one :func:`run_guard` checked (in a CLI run, the command line's
+    before the method's recipe fills it), which a later ``--resume`` is compared with. The main process acts, the
+    others wait for it. Returns True when the run starts fresh.
     """
     root = Path(cfg.output_dir) / "checkpoints"
-    if cfg.resume and _check_resume(cfg, root, report):
-        return True
-    stale = [c for s in _STAGES for c in list_checkpoints(root / s)]
-    if stale and not cfg.resume:
-        report(f"removing {len(stale)} checkpoint(s) of an earlier run in {root} (no --resume)")
-    for stage in _STAGES:
-        if (root / stage).exists():
-            shutil.rmtree(root / stage)
-    root.mkdir(parents=True, exist_ok=True)
-    write_atomic_json(root / RUN_RECORD, cfg.to_dict())
-    return False
+    fresh = not (cfg.resume and _valid_checkpoints(root))  # a resume was checked by prepare_checkpoints
+    if fresh and (accelerator.is_main_process if accelerator is not None else _is_main_process()):
+        stale = [c for s in _STAGES for c in list_checkpoints(root / s)]
+        if stale and not cfg.resume:
+            report(f"removing {len(stale)} checkpoint(s) of an earlier run in {root} (no --resume)")
+        for stage in _STAGES:
+            if (root / stage).exists():
+                shutil.rmtree(root / stage)
+        root.mkdir(parents=True, exist_ok=True)
+        checked = _ACTIVE.get(str(Path(cfg.output_dir).resolve()), cfg)
+        write_atomic_json(root / RUN_RECORD, checked.to_dict())
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return fresh
 
 
 def _is_main_process() -> bool:
@@ -131,10 +151,10 @@ def run_guard(cfg: RunConfig, report: Callable[[str], None] = print) -> Iterator
     if key in _ACTIVE or not _is_main_process():
         yield
         return
-    with output_lock(cfg.output_dir, force=cfg.force_unlock, report=report):
-        _ACTIVE.add(key)
+    with output_lock(cfg.output_dir, force=cfg.force_unlock, report=report, take_over_dead=cfg.resume):
+        _ACTIVE[key] = cfg
         try:
             prepare_checkpoints(cfg, report)
             yield
         finally:
-            _ACTIVE.discard(key)
+            _ACTIVE.pop(key, None)

@@ -24,6 +24,7 @@ from .export import write_outputs
 from .loop import LoopCallback, LoopState
 from .predict import format_table, summarize
 from .record import resolve_mixed_precision, used_image_size
+from .resume import clear_earlier_run
 from .lightweight import peft_stage1
 from .stage1 import finetune_stage1, linear_stage1
 from .stage2 import method_context, run_stage2
@@ -47,6 +48,7 @@ def run(cfg: RunConfig, accelerator: Any | None = None, callbacks: Iterable[Loop
 def _run(cfg: RunConfig, accelerator: Any | None, callbacks: list[LoopCallback]) -> dict[str, Any]:
     ctx = _setup(cfg, accelerator, callbacks)
     cfg = ctx.cfg
+    clear_earlier_run(cfg, ctx.accelerator)  # every check passed: only now may an earlier run's checkpoints go
     results: dict[str, Any] = {"method": ctx.method.name, "num_processes": ctx.accelerator.num_processes,
                                "global_batch": cfg.batch_size * ctx.accelerator.num_processes * cfg.grad_accum,
                                "class_counts": ctx.counts.tolist(), "image_size": used_image_size(ctx.data_config),
@@ -155,11 +157,11 @@ def make_context(cfg: RunConfig, accelerator: Any, data: dict[str, Any], method:
 def _build_model(cfg: RunConfig, data: dict[str, Any], method_cls: Any) -> nn.Module:
     counts = data["class_counts"]
     if cfg.init_from:
-        return _load_initial_model(cfg.init_from, data["num_classes"], counts, method_cls.name, cfg.fusion_ratio)
+        return _load_initial_model(cfg.init_from, data["num_classes"], counts, method_cls.name)
     finetune = cfg.stage1_mode == "finetune" and cfg.stage in ("1", "both")
     return create_model(cfg.backbone, num_labels=data["num_classes"], pretrained=cfg.pretrained,
                         id2label=data["id2label"], class_counts=counts.tolist(), head_type=cfg.head_type,
-                        method=method_cls.name, fusion_ratio=cfg.fusion_ratio, pif=method_cls.stage1_pif and finetune)
+                        method=method_cls.name, pif=method_cls.stage1_pif and finetune)
 
 
 def _evaluate_saved_model(ctx: RunContext) -> dict[str, Any]:
@@ -170,15 +172,17 @@ def _evaluate_saved_model(ctx: RunContext) -> dict[str, Any]:
     return ctx.eval_model("test")
 
 
-def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method: str, ratio: float) -> nn.Module:
+def _load_initial_model(path: str, num_classes: int, counts: np.ndarray, method: str) -> nn.Module:
     """A saved PI-H2T model (e.g. the ``model/`` folder of a stage-1 run) to continue from."""
+    from .._progress import quiet_transformers_bars
     from ..models.pih2t import PIH2TForImageClassification
 
-    model = PIH2TForImageClassification.from_pretrained(path)
+    with quiet_transformers_bars():
+        model = PIH2TForImageClassification.from_pretrained(path)
     if model.config.num_labels != num_classes:
         raise ValueError(f"--init-from {path} has {model.config.num_labels} classes but the dataset has {num_classes}")
     model.config.class_counts = counts.tolist()
-    model.config.method, model.config.fusion_ratio = method, float(ratio)
+    model.config.method = method  # the method's parameters (a fusion ratio) are recorded by its export
     return model
 
 

@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 from ..data.row_batches import batch_fetching, collate_rows
 from ..data.samplers import InstanceSampler
 from ..losses import build_loss
+from ..schedules import cosine_schedule
 from .context import RunContext, loader_generator
-from .loop import LoopState, SeededFetch, cosine_per_epoch, load_best, train_loop
+from .loop import LoopState, SeededFetch, load_best, train_loop
 from .predict import predict_logits, summarize
 from ..evaluation.metrics import longtail_metrics
 
@@ -45,7 +46,7 @@ def finetune_stage1(ctx: RunContext) -> LoopState:
         return summarize(longtail_metrics(logits, y, ctx.counts))
 
     state = train_loop(acc, trainable=model, optimizer=opt, loader=loader, step=step, epochs=cfg.stage1_epochs,
-                       lr_at_epoch=cosine_per_epoch(cfg.stage1_lr, cfg.stage1_epochs), evaluate=evaluate,
+                       lr_scheduler=cosine_schedule(opt, cfg.stage1_epochs), evaluate=evaluate,
                        checkpoint_dir=ctx.checkpoint_dir("stage1"), checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, batch_size_of=lambda b: len(b["labels"]),
                        desc="stage 1", callbacks=ctx.callbacks, extra_state=ctx.extra_state, progress=ctx.progress)
@@ -67,7 +68,7 @@ def linear_stage1(ctx: RunContext) -> LoopState:
     head_p, opt, loader = acc.prepare(head, opt, loader)
     state = train_loop(
         acc, trainable=head_p, optimizer=opt, loader=loader, step=lambda b: loss_fn(head_p(b[0].float()), b[1]),
-        epochs=cfg.stage1_epochs, lr_at_epoch=cosine_per_epoch(cfg.stage1_lr, cfg.stage1_epochs),
+        epochs=cfg.stage1_epochs, lr_scheduler=cosine_schedule(opt, cfg.stage1_epochs),
         evaluate=lambda e: summarize(ctx.eval_head(head_p, "val")), checkpoint_dir=ctx.checkpoint_dir("stage1"),
         checkpoint_every=cfg.checkpoint_every, keep_last=cfg.keep_last, resume=cfg.resume,
         batch_size_of=lambda b: len(b[1]), desc="stage 1 (linear)", callbacks=ctx.callbacks,

@@ -96,7 +96,7 @@ def _train(ctx: RunContext, trainable: nn.Module, loss_fn: nn.Module, fuse: Call
         evaluate = _online_evaluate(ctx, trainable, snapshots)
     callbacks = [*ctx.callbacks, *([EpochHook(loss_fn)] if hasattr(loss_fn, "set_epoch") else [])]
     state = train_loop(acc, trainable=trainable, optimizer=opt, loader=loader, step=step,
-                       epochs=int(cfg.stage2_epochs), lr_at_epoch=method.lr_at_epoch(), evaluate=evaluate,
+                       epochs=int(cfg.stage2_epochs), lr_scheduler=method.lr_schedule(opt), evaluate=evaluate,
                        checkpoint_dir=ctx.checkpoint_dir("stage2"), checkpoint_every=cfg.checkpoint_every,
                        keep_last=cfg.keep_last, resume=cfg.resume, callbacks=callbacks, batch_size_of=_batch_len,
                        desc=f"stage 2 ({method.name})", extra_state=extra, progress=ctx.progress)

@@ -7,9 +7,11 @@ or cosine head, the cached path computes exactly the online path with an eval-mo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
+
+from ..methods.base import FusionSite
 
 Fuse = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -20,7 +22,7 @@ def online_fused_features(
     fusing_images: torch.Tensor | None,
     labels: torch.Tensor,
     fuse: Fuse | None,
-    fusion_site: str | None,
+    fusion_site: FusionSite | None,
     shift_bn: bool,
 ) -> torch.Tensor:
     """The faithful recipe: forward the two branches *separately* through the frozen backbone, fuse, pool.
@@ -28,8 +30,10 @@ def online_fused_features(
     ``shift_bn=True`` runs the backbone in train mode without gradients: each branch is normalised with its own
     batch statistics and BN running statistics are re-estimated (MiSLAS's shift learning on BN). ``fusion_site``
     is the method's: ``"map"`` fuses the un-pooled features (H2T), ``"pooled"`` the pooled vectors (H2TF, as in the
-    published fragment).
+    published fragment); any other value is refused (a misspelt site once fused pooled vectors unnoticed).
     """
+    if fusion_site is not None and fusion_site not in get_args(FusionSite):
+        raise ValueError(f"fusion_site must be one of {get_args(FusionSite)} or None, got {fusion_site!r}")
     backbone.train(shift_bn)
     with torch.no_grad():
         ff = backbone.forward_features(fused_images)

@@ -38,6 +38,7 @@ __all__ = [
     "FlowObjective",
     "FlowSelection",
     "FlowDiverged",
+    "should_stop",
     "train_flowgmm",
 ]
 
@@ -183,6 +184,8 @@ class FlowObjective:
     lambda_pur: float = 0.02
     posterior_momentum: float = 0.7
     purity_freeze: bool = True
+    patience: int | None = None  #: stop after this many epochs without a new best (see :func:`should_stop`)
+    joint_pairs: bool = True  #: positives and negatives through the flow as one batch (same numbers, faster)
 
 
 @dataclass
@@ -210,11 +213,18 @@ def _pair_loss(
     balance: BalanceLoss, obj: FlowObjective,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """λ_lh·L_lh + λ_pur·L_pur + λ_bal·L_bal on one batch of (positive, negative) pairs."""
-    comp_pos, llh_pos = model(x[pos])
+    joint = obj.lambda_pur > 0 and obj.joint_pairs
+    if joint:  # one pass over [x⁺; x⁻]; BatchNorm normalises each half with its own statistics, as two passes would
+        comp, llh = model(torch.cat([x[pos], x[neg]]), groups=2)
+        b = pos.numel()
+        comp_pos, llh_pos, comp_neg = comp[:b], llh[:b], comp[b:]
+    else:
+        comp_pos, llh_pos = model(x[pos])
     parts = {"likelihood": likelihood_loss(llh_pos, w)}
     loss = obj.lambda_lh * parts["likelihood"]
     if obj.lambda_pur > 0:
-        comp_neg, _ = model(x[neg])
+        if not joint:
+            comp_neg, _ = model(x[neg])
         parts["purity"] = purity_loss(comp_neg, comp_pos, obj.purity_freeze)
         loss = loss + obj.lambda_pur * parts["purity"]
     if obj.lambda_bal > 0:
@@ -258,6 +268,15 @@ def _flow_epoch(
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
 
+def should_stop(epoch: int, best_epoch: int | None, patience: int | None) -> bool:
+    """Early stopping: true once ``patience`` epochs in a row have not improved on the best qualifying epoch.
+
+    Counted from the best epoch so far (from the start while no epoch qualifies): with patience P the epoch
+    scores e_1, e_2, ... stop training after epoch ``best + P``. ``None`` trains every epoch.
+    """
+    return patience is not None and epoch - (best_epoch or 0) >= patience
+
+
 def _train_once(
     model: FlowGMM, x: torch.Tensor, y: torch.Tensor, obj: FlowObjective, sel: FlowSelection,
     generator: torch.Generator | None,
@@ -281,6 +300,10 @@ def _train_once(
         if score > result.best_score and largest < sel.max_cluster_size:
             result.best_score, result.best_epoch = score, epoch
             best_state = copy.deepcopy(model.state_dict())
+        if should_stop(epoch, result.best_epoch, obj.patience) and epoch < obj.epochs:
+            logger.info("flow: no better epoch for %d epochs; stopping after epoch %d of %d",
+                        obj.patience, epoch, obj.epochs)
+            break
     if best_state is None:
         logger.warning("no flow epoch had its largest cluster below %s samples; keeping the last epoch",
                        sel.max_cluster_size)
@@ -315,6 +338,8 @@ def train_flowgmm(
         raise ValueError(f"flow batch size must be >= 2 (BatchNorm flow layers), got {objective.batch_size}")
     if objective.epochs < 1:
         raise ValueError(f"flow epochs must be >= 1, got {objective.epochs}")
+    if objective.patience is not None and objective.patience < 1:
+        raise ValueError(f"flow patience must be >= 1 or None, got {objective.patience}")
     if objective.grad_clip is not None and not objective.grad_clip > 0:
         raise ValueError(f"flow gradient clipping must be > 0 or None, got {objective.grad_clip}")
     initial = copy.deepcopy(model.state_dict())

@@ -14,10 +14,12 @@ class DLSA(Method):
     summary = ("flow-based likelihood filtering splits off well-clustered samples for cluster-aided classifiers; "
                "the rest go to a regular classifier (on cached features)")
     needs_features = True
+    Params = DLSAConfig  # the DLSA pipeline's own configuration is the method's parameters
+    card_fields = ("num_clusters", "max_depth", "rho", "flow_epochs", "flow_lr", "cls_epochs", "classifier_type")
 
     def finalize(self, trained: nn.Module, ctx: Stage2Context) -> nn.Module:
         (xtr, ytr), (xva, yva) = ctx.train_features, ctx.val_features
-        config = DLSAConfig(**self.cfg.method_kwargs) if self.cfg.method_kwargs else DLSAConfig()
+        config = self.params
         bias = getattr(trained, "bias", None)
         fitted = fit_dlsa(xtr.float(), ytr, xva.float(), yva, config, seed=self.cfg.seed,
                           stage1_weight=trained.weight.detach(), stage1_bias=None if bias is None else bias.detach())

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...models.pih2t.dlsa_head import DLSAHead, DualHead
+from ...models.pih2t.dlsa_head import DLSAHead, DualHead, MaskedLinear
 from .flowgmm import FlowObjective, FlowSelection, FlowTrainResult, train_flowgmm
 
 __all__ = [
@@ -112,6 +112,8 @@ class DLSAConfig:
     flow_grad_clip: float | None = 5.0  #: deviation: max gradient norm of a flow step (released: None, no clipping)
     flow_nan_restarts: int = 3  #: deviation: restarts with a halved flow lr after a divergence (then an error)
     flow_momentum: float = 0.0
+    flow_patience: int | None = 10  #: deviation: stop the flow after this many epochs without a new best; None = all
+    flow_fast_path: bool = True  #: block-sparse masked layers and one flow pass per pair batch (same numbers)
     weight_q: float = 2.0  #: exponent of the tail weights of the likelihood term
     lambda_lh: float = 2.0
     lambda_bal: float = 1.0
@@ -170,6 +172,8 @@ class DLSAConfig:
             raise ValueError(f"flow_batch_size must be >= 2 (BatchNorm flow layers), got {self.flow_batch_size}")
         if self.flow_grad_clip is not None and not self.flow_grad_clip > 0:
             raise ValueError(f"flow_grad_clip must be > 0 or None, got {self.flow_grad_clip}")
+        if self.flow_patience is not None and self.flow_patience < 1:
+            raise ValueError(f"flow_patience must be >= 1 or None, got {self.flow_patience}")
         if self.flow_nan_restarts < 0:
             raise ValueError(f"flow_nan_restarts must be >= 0, got {self.flow_nan_restarts}")
         for name in ("flow_lr", "cacls_lr", "regcls_lr"):
@@ -459,6 +463,7 @@ def _flow_objective(config: DLSAConfig) -> FlowObjective:
         momentum=config.flow_momentum, grad_clip=config.flow_grad_clip, weight_q=config.weight_q,
         lambda_lh=config.lambda_lh, lambda_bal=config.lambda_bal, lambda_pur=config.lambda_pur,
         posterior_momentum=config.posterior_momentum, purity_freeze=config.purity_freeze,
+        patience=config.flow_patience, joint_pairs=config.flow_fast_path,
     )
 
 
@@ -547,6 +552,7 @@ def _depth_record(
         "remaining_class_counts": torch.bincount(rest_y, minlength=num_classes).tolist(),
         "flow_selection_split": split,
         "flow_best_epoch": flow.best_epoch,
+        "flow_epochs_run": len(flow.epoch_scores),
         "flow_epoch_scores": flow.epoch_scores,
         "flow_epoch_max_cluster": flow.epoch_max_cluster,
         "flow_lr": flow.lr,
@@ -588,6 +594,9 @@ def fit_dlsa(
     train = (train_x, train_y.long().to(device))
     val = None if val_x is None else (val_x.to(device=device, dtype=dtype), val_y.long().to(device))
     model = DLSAModel(dim, num_classes, config, generator).to(device=device, dtype=dtype)
+    for layer in model.modules():
+        if isinstance(layer, MaskedLinear):
+            layer.block_matmul = config.flow_fast_path
     if stage1_weight is not None:
         bias = None if stage1_bias is None else stage1_bias.to(device=device, dtype=dtype)
         for head in [*model.cacls, model.regcls]:

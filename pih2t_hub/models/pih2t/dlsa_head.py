@@ -37,6 +37,7 @@ import torch.nn.functional as F
 __all__ = [
     "sequential_degrees",
     "made_masks",
+    "StaircasePlan",
     "MaskedLinear",
     "MADE",
     "BatchNormFlow",
@@ -81,8 +82,95 @@ def made_masks(degrees: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(d_out[:, None] >= d_in[None, :]).float() for d_in, d_out in zip(degrees[:-1], degrees[1:])]
 
 
+class StaircasePlan:
+    """How to multiply by a nested 0/1 mask without touching its zeros (exact; only the summation order changes).
+
+    A MADE mask ``deg_out[k] >= deg_in[i]`` is *nested*: the inputs one output sees are a subset of those the next
+    output (in degree order) sees. With the rows sorted by how many inputs they see and the columns by how many
+    rows see them, the mask is a staircase: row ``r`` sees the first ``widths[r]`` columns. The rows are cut into
+    blocks; block ``(r0, r1, w)`` multiplies only the first ``w`` sorted columns. The gradient with respect to
+    the input is cut into column blocks ``(c0, c1, r)``: columns ``c0..c1`` are seen only by rows ``r..``.
+    About half of a triangular mask's products are skipped (``work`` = the fraction still computed).
+    """
+
+    def __init__(self, mask: torch.Tensor, num_blocks: int):
+        rows, cols = (mask != 0).sum(1), (mask != 0).sum(0)
+        self.row_perm = torch.argsort(rows, stable=True)
+        self.col_perm = torch.argsort(-cols, stable=True)
+        self.inv_row_perm = torch.argsort(self.row_perm)
+        self.mask = mask[self.row_perm][:, self.col_perm]
+        widths = rows[self.row_perm]
+        n_rows, n_cols = mask.shape
+        steps = torch.arange(n_cols, device=mask.device)
+        self.nested = bool(torch.equal(self.mask != 0, steps[None, :] < widths[:, None]))
+        cuts = torch.linspace(0, n_rows, num_blocks + 1).round().long().unique().tolist()
+        self.row_blocks = [(r0, r1, int(widths[r1 - 1])) for r0, r1 in zip(cuts[:-1], cuts[1:])]
+        col_cuts = torch.linspace(0, n_cols, num_blocks + 1).round().long().unique().tolist()
+        first = torch.searchsorted(widths, torch.tensor(col_cuts[:-1], device=mask.device), right=True).tolist()
+        self.col_blocks = [(c0, c1, int(r)) for c0, c1, r in zip(col_cuts[:-1], col_cuts[1:], first)]
+        self.work = sum((r1 - r0) * w for r0, r1, w in self.row_blocks) / max(n_rows * n_cols, 1)
+        self.identity_rows = bool(torch.equal(self.row_perm, torch.arange(n_rows, device=mask.device)))
+        self.identity_cols = bool(torch.equal(self.col_perm, steps))
+        self.inv_col_perm = torch.argsort(self.col_perm)
+
+    def sort_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A new (R, C) tensor: ``weight * mask`` with rows and columns in the sorted order."""
+        w = weight if self.identity_rows else weight.index_select(0, self.row_perm)
+        w = w if self.identity_cols else w.index_select(1, self.col_perm)
+        return w * self.mask if w is weight else w.mul_(self.mask)
+
+    def unsort_weight(self, w_sorted: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`sort_weight`'s reordering (for gradients)."""
+        w = w_sorted if self.identity_rows else w_sorted.index_select(0, self.inv_row_perm)
+        return w if self.identity_cols else w.index_select(1, self.inv_col_perm)
+
+
+class _StaircaseMatmul(torch.autograd.Function):
+    """``F.linear(x, weight * mask, bias)`` on sorted input columns, multiplying only a plan's blocks.
+
+    Takes the parameters in their stored order and returns the outputs in the plan's sorted row order. The
+    sorted, masked weight is built once per call (no autograd graph over it) and reused by the backward pass;
+    the weight gradient is computed in sorted order and put back into the stored order.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, plan: StaircasePlan) -> torch.Tensor:
+        w_sorted = plan.sort_weight(weight)
+        b_sorted = bias if plan.identity_rows else bias[plan.row_perm]
+        parts = [torch.addmm(b_sorted[r0:r1], x[:, :w], w_sorted[r0:r1, :w].T) for r0, r1, w in plan.row_blocks]
+        ctx.save_for_backward(x, w_sorted)
+        ctx.plan = plan
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w_sorted = ctx.saved_tensors
+        plan: StaircasePlan = ctx.plan
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.cat([grad[:, r:] @ w_sorted[r:, c0:c1] for c0, c1, r in plan.col_blocks], dim=1)
+        if ctx.needs_input_grad[1]:
+            g_sorted = torch.empty_like(w_sorted)
+            for r0, r1, w in plan.row_blocks:
+                torch.mm(grad[:, r0:r1].T, x[:, :w], out=g_sorted[r0:r1, :w])
+                g_sorted[r0:r1, w:] = 0
+            grad_w = plan.unsort_weight(g_sorted.mul_(plan.mask))
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+            grad_b = grad_b if plan.identity_rows else grad_b[plan.inv_row_perm]
+        return grad_x, grad_w, grad_b, None
+
+
 class MaskedLinear(nn.Module):
-    """Linear layer whose dense weight is multiplied by a fixed 0/1 mask (the autoregressive wiring)."""
+    """Linear layer whose dense weight is multiplied by a fixed 0/1 mask (the autoregressive wiring).
+
+    ``block_matmul`` (default on): when the mask is nested (every MADE mask is) and skipping its zeros saves at
+    least a fifth of the products, only the non-zero blocks are multiplied (:class:`StaircasePlan`), forward and
+    backward. The result is the dense masked product up to float rounding; parameters and state are unchanged.
+    """
+
+    block_matmul: bool = True
+    num_blocks: int | None = None  #: row/column blocks of the plan; None = one per 96 rows, at most 16
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
@@ -94,9 +182,29 @@ class MaskedLinear(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         _uniform_(self.weight, bound, generator)
         _uniform_(self.bias, bound, generator)
+        self._plan_cache: tuple[Any, StaircasePlan] | None = None
+
+    def plan(self) -> StaircasePlan | None:
+        """The block plan of this mask, or None when the dense product is used (kept per device, dtype and size)."""
+        if not self.block_matmul:
+            return None
+        blocks = self.num_blocks or max(1, min(16, self.mask.shape[0] // 96))
+        key = (self.mask.device, self.mask.dtype, blocks)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, StaircasePlan(self.mask, blocks))
+        plan = self._plan_cache[1]
+        return plan if plan.nested and plan.work <= 0.8 else None
+
+    def sorted_forward(self, x: torch.Tensor, plan: StaircasePlan) -> torch.Tensor:
+        """The layer on input columns in ``plan.col_perm`` order; output columns in ``plan.row_perm`` order."""
+        return _StaircaseMatmul.apply(x, self.weight, self.bias, plan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        plan = self.plan()
+        if plan is None:
+            return F.linear(x, self.weight * self.mask, self.bias)
+        y = self.sorted_forward(x if plan.identity_cols else x.index_select(1, plan.col_perm), plan)
+        return y if plan.identity_rows else y.index_select(1, plan.inv_row_perm)
 
 
 class MADE(nn.Module):
@@ -123,8 +231,24 @@ class MADE(nn.Module):
         layers += [nn.ReLU(), MaskedLinear(hidden_size, 2 * dim, masks[-1].repeat(2, 1), generator)]
         self.net = nn.Sequential(*layers)
 
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.net(x)``; with block plans, the hidden units stay in sorted order from one layer to the next."""
+        layers = [m for m in self.net if isinstance(m, MaskedLinear)]
+        plans = [layer.plan() for layer in layers]
+        if any(plan is None for plan in plans):
+            return self.net(x)
+        h = x if plans[0].identity_cols else x.index_select(1, plans[0].col_perm)
+        for i, (layer, plan) in enumerate(zip(layers, plans)):
+            if i:
+                h = torch.relu(h)
+                prev = plans[i - 1]
+                if not torch.equal(prev.row_perm, plan.col_perm):  # re-sort: original order, then this layer's
+                    h = h.index_select(1, prev.inv_row_perm[plan.col_perm])
+            h = layer.sorted_forward(h, plan)
+        return h if plans[-1].identity_rows else h.index_select(1, plans[-1].inv_row_perm)
+
     def _shift_logscale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m, log_a = self.net(x).chunk(2, dim=1)
+        m, log_a = self._net(x).chunk(2, dim=1)
         return m, log_a
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +263,12 @@ class MADE(nn.Module):
             m, log_a = self._shift_logscale(x)
             x[:, i] = u[:, i] * torch.exp(log_a[:, i]) + m[:, i]
         return x
+
+
+def _equal_chunks(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} samples cannot be split into {groups} equal groups")
+    return x.chunk(groups)
 
 
 class BatchNormFlow(nn.Module):
@@ -170,7 +300,14 @@ class BatchNormFlow(nn.Module):
         self._batch_stats = (mean.detach(), var.detach())
         return mean, var
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``groups`` > 1 (training mode): the batch is that many equal batches, normalised one after the other.
+
+        Exactly as separate calls in that order (own batch statistics, running statistics updated per group).
+        """
+        if groups > 1 and self.training:
+            parts = [self(chunk) for chunk in _equal_chunks(x, groups)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         mean, var = self._stats(x)
         y = torch.exp(self.log_gamma) * (x - mean) / torch.sqrt(var + self.eps) + self.beta
         log_det = self.log_gamma - 0.5 * torch.log(var + self.eps)
@@ -208,13 +345,17 @@ class MAF(nn.Module):
                 layers.append(BatchNormFlow(dim))
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the latent ``u`` (B, D) and the total log|det J| per sample (B,)."""
+    def forward(self, x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the latent ``u`` (B, D) and the total log|det J| per sample (B,).
+
+        ``groups``: the batch is that many equal batches (BatchNorm statistics per group, see
+        :meth:`BatchNormFlow.forward`); the MADEs act per sample, so this equals one call per group.
+        """
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features of shape (B, {self.dim}), got {tuple(x.shape)}")
         total = x.new_zeros(x.shape[0])
         for layer in self.layers:
-            x, log_det = layer(x)
+            x, log_det = layer(x, groups) if isinstance(layer, BatchNormFlow) else layer(x)
             total = total + log_det.sum(1)
         return x, total
 
@@ -259,17 +400,17 @@ class FlowGMM(nn.Module):
         means = torch.randn(num_clusters, dim, generator=generator) * mean_std
         self.register_buffer("means", means)
 
-    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x | k) for every component, shape (B, K)."""
-        u, log_det = self.flow(x)
+    def component_log_prob(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """log p(x | k) for every component, shape (B, K) (``groups``: see :meth:`MAF.forward`)."""
+        u, log_det = self.flow(x, groups)
         # ‖u - μ‖² expanded so that no (B, K, D) tensor is built (K = 500, D = 2048 in the released configs).
         sq = (u * u).sum(1, keepdim=True) - 2.0 * u @ self.means.T + (self.means * self.means).sum(1)[None, :]
         sq = sq.clamp_min(0.0)
         return -0.5 * self.dim * math.log(2 * math.pi) - 0.5 * sq + log_det[:, None]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (component log-probs (B, K), log-likelihood log p(x) (B,))."""
-        comp = self.component_log_prob(x)
+        comp = self.component_log_prob(x, groups)
         return comp, self.log_prob_from_components(comp)
 
     def log_prob_from_components(self, comp: torch.Tensor) -> torch.Tensor:

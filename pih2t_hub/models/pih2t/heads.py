@@ -1,4 +1,5 @@
-"""Classifier heads on pooled features: linear, cosine, nearest class mean and DLSA's routed flows + classifiers.
+"""Classifier heads on pooled features: linear, cosine, nearest class mean and DLSA's routed flows + classifiers;
+τ-normalised weights (τ-norm's head is a linear layer with them, so exporting needs them below the methods).
 
 Both act on ``(B, D)`` pooled vectors only, which is what lets stage 2 run on cached features: H2T's channel
 replacement commutes with channel-wise pooling, so a head fed fused pooled vectors computes exactly what it would
@@ -14,6 +15,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dlsa_head import DLSAHead
+
+
+def _check_tau(tau: float) -> float:
+    tau = float(tau)
+    if not tau >= 0.0:  # also rejects NaN
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    return tau
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contain NaN or inf")
+
+
+def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ-normalised classifier weights: row c becomes w_c / ||w_c||_2^τ (``weight`` has shape (C, D)).
+
+    τ = 0 leaves the weights unchanged, τ = 1 gives unit-norm rows. A zero row stays zero.
+    """
+    tau = _check_tau(tau)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must have shape (num_classes, dim), got {tuple(weight.shape)}")
+    _check_finite("weight", weight)
+    norms = weight.norm(dim=1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)
+    return weight / norms.pow(tau)
 
 
 class LinearHead(nn.Linear):
@@ -103,4 +129,4 @@ def build_head(
     raise ValueError(f"unknown head type {head_type!r}; choose 'linear', 'cosine', 'ncm' or 'dlsa'")
 
 
-__all__ = ["LinearHead", "CosineHead", "NCMHead", "DLSAHead", "build_head"]
+__all__ = ["LinearHead", "CosineHead", "NCMHead", "DLSAHead", "build_head", "tau_normalize"]

@@ -186,7 +186,10 @@ class PIH2TModel(PIH2TPreTrainedModel):
                 f"{pixel_values.shape[1]} (convert grayscale images to RGB)"
             )
 
-        if pixel_values.device.type != "meta" and not bool(torch.isfinite(pixel_values).all()):
+        # eager calls only: under torch.compile / torch.export the value is unknown, and a branch on it breaks the
+        # graph (export refuses it); a compiled or exported graph is the caller's to feed finite values
+        if (pixel_values.device.type != "meta" and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(pixel_values).all())):
             raise ValueError(
                 "pixel_values contain NaN or infinite values (check the image decoding and normalisation); "
                 "refusing to produce logits from them"
