@@ -50,7 +50,6 @@ def machine_info() -> dict[str, Any]:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` through a temp file and a rename (a result file is complete or absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    from pih2t_hub._atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n", parents=True)

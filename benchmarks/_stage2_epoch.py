@@ -40,7 +40,7 @@ def stage2_epoch(cache_dir: Path, accelerator: Any, batch: int, mode: str = "rec
     del labels
     out = Path(cache_dir) / "stage2-run"
     cls = get_method(method)
-    cfg = cls.resolve(RunConfig(method=method, fusion_ratio=0.25, stage2_mode="cached", stage2_epochs=1,
+    cfg = cls.resolve(RunConfig(method=method, stage2_mode="cached", stage2_epochs=1,
                                 batch_size=batch, stage2_batch_size=batch, output_dir=str(out), num_workers=0))
     # the frozen backbone is not used on cached features
     model = types.SimpleNamespace(pih2t=torch.nn.Identity(), classifier=LinearHead(dim, num_classes))

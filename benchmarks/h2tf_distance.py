@@ -81,7 +81,7 @@ def score_setting(name: str, size: int, seeds: int, workdir: Path) -> dict[str, 
     for label, (method, overrides) in candidates().items():
         scores = []
         for seed in range(seeds):
-            _, val, extra = bench.fit(Candidate(label, method), overrides, seed)
+            _, val, extra = bench.fit(Candidate(label, method), overrides, bench.final[seed])
             scores.append(val["balanced"])
         rows[label] = {"val_balanced": scores, "mean": statistics.fmean(scores),
                        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0}

@@ -1,8 +1,9 @@
 """Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edited by hand).
 
-Six blocks: the default run's table and time (``default_run.json``), the fair comparison (``compare_*.json``), the
-choice of H2TF's default distance (``h2tf_distance.json``), PI-H2T against H2T (from the comparisons), the PIF
-stage-1 study (``pif_study.json``) and the stage-1 retrofits with lightweight fine-tuning (``peft_longtail.json``).
+Seven blocks: the default run's table and time (``default_run.json``), the cached-vs-online stage-2 epoch ratio
+(``speed_stage2_epoch.json``), the fair comparison (``compare_*.json``), the choice of H2TF's default distance
+(``h2tf_distance.json``), PI-H2T against H2T (from the comparisons), the PIF stage-1 study (``pif_study.json``)
+and the stage-1 retrofits with lightweight fine-tuning (``peft_longtail.json``).
 
     python benchmarks/render_results.py          # rewrites the blocks between the markers in README.md
     python benchmarks/render_results.py --check  # exit 1 if README.md is not what the JSON files give
@@ -44,7 +45,10 @@ def _table(reports: list[tuple[str, int, dict]], key: str) -> list[str]:
         cells = []
         for i, (*_, r) in enumerate(reports):
             row = r["methods"].get(label)
-            text = _cell(row[key] if key in row else row["tuned"]["test"][key]) if row else "—"
+            if key in ("selection", "recipe_selection"):  # schema 2 on: the cross-validation score
+                text = _cell(row.get(key)) if row else "—"
+            else:
+                text = _cell(row[key] if key in row else row["tuned"]["test"][key]) if row else "—"
             cells.append(f"**{text}**" if best[i] == label else text)
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return lines
@@ -59,6 +63,12 @@ def render() -> str:
     lines = ["Balanced accuracy on test, % (mean ± std over seeds; each method tuned with the same budget on "
              "validation; **bold**: the method the comparison picks on validation):", ""]
     lines += _table(reports, "balanced")
+    if any("selection" in row for *_, r in reports for row in r["methods"].values()):
+        lines += ["", "Selection score, % (the tuned configuration's mean balanced accuracy over the cross-validation "
+                  "folds × repeats ± its spread; — for a comparison that selected on the validation split):", ""]
+        lines += _table(reports, "selection")
+        lines += ["", "The published recipe's selection score, % (the first trial of every study):", ""]
+        lines += _table(reports, "recipe_selection")
     lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy % (— also where a setting has no such "
               "class: in A and B the rarest class has 60 and 600 images):", ""]
     lines += _table(reports, "few")
@@ -263,12 +273,21 @@ def render_peft() -> str:
     return "\n".join(lines)
 
 
+def render_epoch_speedup() -> str:
+    """The cached-vs-online stage-2 epoch ratio, inline in the README's speed paragraph."""
+    record = json.loads((RESULTS / "speed_stage2_epoch.json").read_text())
+    return f"{record['a_epoch_cached_vs_online']['speedup_per_epoch']:.0f}×"
+
+
 BLOCKS = {("<!-- default-run:start -->", "<!-- default-run:end -->"): render_default_run,
+          ("<!-- stage2-epoch-speedup:start -->", "<!-- stage2-epoch-speedup:end -->"): render_epoch_speedup,
           ("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
           ("<!-- peft-longtail:start -->", "<!-- peft-longtail:end -->"): render_peft,
           ("<!-- pif-study:start -->", "<!-- pif-study:end -->"): render_pif,
           ("<!-- h2tf-distance:start -->", "<!-- h2tf-distance:end -->"): render_distance,
           ("<!-- pi-h2t:start -->", "<!-- pi-h2t:end -->"): render_pih2t}
+
+INLINE = {"<!-- stage2-epoch-speedup:start -->"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     for (start, end), make in BLOCKS.items():
         head, rest = new.split(start, 1)
         _, tail = rest.split(end, 1)
-        new = f"{head}{start}\n{make()}\n{end}{tail}"
+        nl = "" if start in INLINE else "\n"  # an inline value stays inside its sentence
+        new = f"{head}{start}{nl}{make()}{nl}{end}{tail}"
     if args.check:
         return 0 if new == readme else 1
     (ROOT / "README.md").write_text(new)

@@ -251,12 +251,13 @@ def _step_setup(args: argparse.Namespace, classes: int, cache_dtype: torch.dtype
     centres = torch.randn(classes, args.dim, generator=gen)
     cache = (centres[pool_y] + torch.randn(pool_n, args.dim, generator=gen)).relu().to(cache_dtype)
     cfg = RunConfig(fusion_ratio=0.25)
-    precomputed = H2TFusion.from_features(cache, pool_y, classes, distance="global", mode=cfg.h2tf_mode)
-    pair = H2TFusion.from_features(cache, pool_y, classes, distance="pair", mode=cfg.h2tf_mode)
+    precomputed = H2TFusion.from_features(cache, pool_y, classes, distance="global", mode="interpolate")
+    pair = H2TFusion.from_features(cache, pool_y, classes, distance="pair", mode="interpolate")
     fusions = {
         "plain": None,
         "h2t": plugin_fusion("h2t", cfg, torch.Generator().manual_seed(1)),
-        "h2tf (on the fly)": plugin_fusion("pi-h2t", cfg, torch.Generator().manual_seed(2), (cache, pool_y)),
+        "h2tf (on the fly)": plugin_fusion("pi-h2t", RunConfig(method="pi-h2t"), torch.Generator().manual_seed(2),
+                                           (cache, pool_y)),
         "h2tf (precomputed rho)": precomputed,
         "h2tf pair (class-pair table)": pair,
     }

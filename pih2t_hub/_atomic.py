@@ -18,6 +18,11 @@ temporary sibling, checked, flushed to disk, and only then put in place of the o
   old one put back if that second rename fails.
 
 Any exception before the swap leaves the destination exactly as it was and removes the temporary folder.
+
+This is the project's one atomic-write module: config, results, checkpoints' JSON, the model card, feature-cache
+manifests, benchmark results (:func:`atomic_write_text` / :func:`atomic_write_json`), model folders
+(:func:`atomic_folder`) and the timm export (:func:`publish_folder`) all go through it, and every folder is put in
+place by the one swap, :func:`swap_folder`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -36,10 +42,13 @@ __all__ = [
     "atomic_folder",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_json",
     "atomic_write_text",
     "dir_mode",
     "file_mode",
+    "fix_tree_modes",
     "fsync_tree",
+    "publish_folder",
     "swap_folder",
 ]
 
@@ -86,9 +95,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object
     return path
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8, ``"\\n"`` line ends) to ``path`` through :func:`atomic_write`."""
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, parents: bool = False) -> Path:
+    """Write ``text`` (UTF-8, ``"\\n"`` line ends) to ``path`` through :func:`atomic_write`.
+
+    ``parents`` creates the folder first: for a file that may be the first thing written into a new folder (a
+    model card, a result file), never for one inside a folder another process may remove (a checkpoint)."""
+    if parents:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda handle: handle.write(text), text=True)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, parents: bool = False, **dump: Any) -> Path:
+    """Write ``obj`` as JSON through :func:`atomic_write_text`; ``dump`` goes to ``json.dump`` (default: indented
+    by 2, sorted keys, ``str`` for what JSON cannot represent)."""
+    options = {"indent": 2, "sort_keys": True, "default": str, **dump}
+    return atomic_write_text(path, json.dumps(obj, **options), parents=parents)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -153,6 +174,32 @@ def swap_folder(new: Path, dest: Path) -> None:
             raise
         shutil.rmtree(aside, ignore_errors=True)
     _fsync_dir(dest.parent)
+
+
+def fix_tree_modes(root: str | os.PathLike[str]) -> None:
+    """Give ``root`` and everything below it :func:`dir_mode` / :func:`file_mode` permissions (what a folder made
+    by ``mkdtemp`` / ``mkstemp`` needs before it is published)."""
+    fmode, dmode = file_mode(), dir_mode()
+    os.chmod(root, dmode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), dmode)
+        for name in files:
+            os.chmod(os.path.join(folder, name), fmode)
+
+
+def publish_folder(staged: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Put the finished folder ``staged`` (a sibling of ``target``, written by someone else's code) at ``target``.
+
+    An existing ``target`` is refused unless ``overwrite``; the permissions are made ordinary, the files flushed,
+    and the folder put in place by :func:`swap_folder`, so a reader sees the old folder or the new one."""
+    staged, target = Path(staged), Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+    fix_tree_modes(staged)
+    fsync_tree(staged)
+    swap_folder(staged, target)
+    return target
 
 
 @contextlib.contextmanager

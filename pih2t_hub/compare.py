@@ -109,21 +109,16 @@ class Bench:
 
     def __init__(self, base: RunConfig, seeds: int, progress: bool = True, max_epochs: int | None = None,
                  cv_folds: int = 1, cv_repeats: int = 1) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        from .data.splits import load_splits
         from .training.cache import extract_features
-        from .training.run import make_context
+        from .training.run import build_context, load_data, start_accelerator
 
         self.base = base  # stage-2 values stay unset: each method resolves its own recipe
-        self.accelerator = Accelerator(mixed_precision=base.mixed_precision)
-        self.data = load_splits(self.base)
+        self.accelerator, _ = start_accelerator(base)
+        self.data = load_data(self.base)  # the run's steps: its splits, its model (initial head included)
         pooled = len(self.data["train"]) + len(self.data["val"])
         if cv_folds > pooled:
             raise ValueError(f"--cv-folds {cv_folds} is larger than the {pooled} pooled train and validation rows")
-        set_seed(self.base.seed)  # as a run does: the model (and its initial head) from the run's seed
-        self.ctx = make_context(self.base, self.accelerator, self.data, get_method("ce")(self.base))
+        self.ctx = build_context(self.base, self.accelerator, self.data, get_method("ce"))
         self.ctx.checkpoints, self.ctx.progress = False, progress
         self.initial_head = copy.deepcopy(self.ctx.model.classifier)  # where the run's own stage 1 starts
         extract_features(self.ctx, ("train", "val"))  # test: only at the final evaluation
@@ -194,7 +189,7 @@ class Bench:
         validation metrics only."""
         from accelerate.utils import set_seed
 
-        from .training.stage2 import method_context, run_stage2
+        from .training.run import train_stage2
 
         cls = get_method(cand.method)
         cfg = cls.resolve(_merge(dataclasses.replace(self.base, method=cand.method, seed=part.seed), cand.fixed,
@@ -207,10 +202,9 @@ class Bench:
         model = copy.deepcopy(self.ctx.model)
         model.classifier = copy.deepcopy(head)
         ctx = self._context(cfg, method, part, model)
-        mctx = method_context(ctx, {})
-        _, head = run_stage2(ctx, mctx)
-        model = method.export(model, head, mctx)
-        return model, summarize(ctx.eval_head(model.classifier, "val")), mctx.results
+        extra: dict[str, Any] = {}  # what the method reports of its fit (e.g. the τ it chose)
+        train_stage2(ctx, extra)  # the run's stage-2 step: the method's head, exported into ctx.model
+        return ctx.model, summarize(ctx.eval_head(ctx.model.classifier, "val")), extra
 
     def score(self, cand: Candidate, overrides: dict[str, Any]) -> list[float]:
         """Validation balanced accuracy of every cross-validation part (the selection score's sample)."""
@@ -480,9 +474,9 @@ def format_report(report: dict[str, Any]) -> str:
                      + " | ".join(cell(row["tuned"]["test"][k]) for k in SUMMARY_KEYS)
                      + f" | {cell(row['default']['test']['balanced'])} | {100 * paired['mean']:+.2f} ({paired['signs']}) |")
     setting = report["setting"]
-    lines += ["", f"`{report['best']}` is chosen on the selection score: {setting['selection']} (mean ± std over "
-              f"its parts), never on test. Test columns: mean ± std over {setting['seeds']} seeds; Δ: paired per-seed "
-              f"test balanced-accuracy difference to the best baseline `{report['best_baseline']}`."]
+    lines += ["", f"`{report['best']}` is chosen on the selection score: {setting['selection']} (mean ± std "
+              f"over its parts), never on test. Test columns: mean ± std over {setting['seeds']} seeds; Δ: paired "
+              f"per-seed test balanced-accuracy difference to the best baseline `{report['best_baseline']}`."]
     return "\n".join(lines)
 
 
@@ -544,8 +538,10 @@ def compare(base: RunConfig, cc: CompareConfig, progress: bool | None = None) ->
 
     from .training.lock import output_lock
 
+    from .training.preflight import preflight
+
     progress = cc.progress if progress is None else progress
-    base = base.validate()
+    base = preflight(base)  # validated; a dataset path or backbone that does not exist: one line, here
     methods = check_inputs(cc, base)
     report = lambda message: print(message.split(": taken over")[0] + ": resuming", file=sys.stderr)  # noqa: E731
     with output_lock(base.output_dir, force=True, report=report):
@@ -587,9 +583,11 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     final_start = time.perf_counter()
     bar = tqdm(total=2 * cc.seeds * len(tuned), desc="final retraining", disable=not progress)
     for label, t in tuned.items():  # every study is finished: now, and only now, the test split is read
+        method_start = time.perf_counter()
         final = evaluate_final(bench, t["candidate"], t["overrides"], cc.seeds, bar)
         default = evaluate_final(bench, t["candidate"], {}, cc.seeds, bar)
         rows[label], models[label] = _row(t["candidate"], t, final, default), final["_model"]
+        rows[label]["final_s"] = round(time.perf_counter() - method_start, 1)  # its retraining and test runs
     bar.close()
     reference = _pick(rows, baselines_only=True)
     _paired(rows, reference)

@@ -65,21 +65,18 @@ def resolve_configs(argv: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, check (names, budget, folds, dataset path, backbone, storage), lock, compare. Exit code 0, 2, 130, 1."""
+    """Parse, then :func:`pih2t_hub.compare.compare` (which checks names, budget, folds, dataset path, backbone and
+    storage before any extraction). Exit code 0, 2 (a configuration or data error), 130 (Ctrl-C), 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         build_parser().print_help()
         return 0
     debug = "--debug" in argv
     try:
-        from .training.preflight import preflight
-
         base, cc = resolve_configs(argv)
-        preflight(base)  # a dataset path or backbone that does not exist: one line, before any heavy import
-        from .compare import check_inputs, compare, format_report
+        from .compare import compare, format_report  # the heavy imports only once the flags parsed
 
-        check_inputs(cc, base)
-        report = compare(base, cc)
+        report = compare(base, cc)  # checks the configs and the machine first, once
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the Optuna storage", file=sys.stderr)
         return 130

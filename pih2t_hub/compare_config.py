@@ -13,12 +13,13 @@ from typing import Any
 __all__ = ["CompareConfig", "RUN_FIELDS_SET_BY_COMPARISON", "FIXED_RUN_VALUES"]
 
 #: RunConfig fields the comparison decides itself (each method's recipe and search space, one shared linear stage 1
-#: on cached features, no checkpoints or Hub upload): not flags of the comparison.
+#: on cached features, no checkpoints or Hub upload; it always resumes from its study and takes over the lock of a
+#: killed comparison): not flags of the comparison.
 RUN_FIELDS_SET_BY_COMPARISON = frozenset({
     "method", "loss", "sampler", "fusion_ratio", "h2tf_mode", "loss_kwargs", "method_kwargs",
     "stage", "stage1_mode", "stage2_mode", "stage2_epochs", "stage2_lr", "stage2_batch_size", "stage2_weight_decay",
-    "mixup_alpha", "shift_bn", "grad_accum", "report_to", "resume", "resume_strict", "checkpoint_every",
-    "keep_last", "export", "push_to_hub", "hub_model_id", "hub_format",
+    "mixup_alpha", "shift_bn", "grad_accum", "report_to", "resume", "resume_strict", "force_unlock",
+    "checkpoint_every", "keep_last", "export", "push_to_hub", "hub_model_id", "hub_format",
 })
 #: and the values it runs them with
 FIXED_RUN_VALUES: dict[str, Any] = {"stage": "both", "stage1_mode": "linear", "stage2_mode": "cached"}

@@ -177,3 +177,32 @@ def test_a_file_write_needs_an_existing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         atomic_write_text(tmp_path / "gone" / "trainer_state.json", "{}")
     assert not (tmp_path / "gone").exists()
+
+
+def test_json_and_published_folders_go_through_the_one_module(tmp_path: Path) -> None:
+    """JSON (checkpoints, results) and a folder written by other code (the timm export) use the same file write
+    and the same swap: complete or absent, ordinary permissions, an existing folder only replaced when asked."""
+    import json
+    import tempfile
+
+    from pih2t_hub._atomic import atomic_write_json, publish_folder
+    from pih2t_hub.training.checkpoint import write_atomic_json
+
+    assert write_atomic_json is atomic_write_json
+    path = atomic_write_json(tmp_path / "new" / "r.json", {"b": 1, "a": float("nan")}, parents=True)
+    assert path.read_text() == '{\n  "a": NaN,\n  "b": 1\n}'  # indent 2, sorted keys, as json.dumps writes them
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]
+
+    target = tmp_path / "timm"
+    for content in ("1", "2"):
+        staged = Path(tempfile.mkdtemp(prefix=".timm.", dir=tmp_path))  # 0700, as mkdtemp makes it
+        (staged / "config.json").write_text(content)
+        publish_folder(staged, target, overwrite=True)
+        assert (target / "config.json").read_text() == content and not staged.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+    staged = Path(tempfile.mkdtemp(prefix=".timm.", dir=tmp_path))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        publish_folder(staged, target, overwrite=False)
+    assert (target / "config.json").read_text() == "2"

@@ -171,6 +171,10 @@ def test_cli_every_method_runs(tmp_path: Path, method: str, shared_cache: Path) 
     assert evaluated["balanced"] == pytest.approx(results["test"]["balanced"], abs=1e-12)
     card = (out / "model" / "README.md").read_text()
     assert f"{100 * results['test']['balanced']:.2f}" in card
+    if method == "ldam_drw":  # the re-weighting epoch it derived, int(0.8 · 1 epoch) = 0, is recorded with the run
+        recorded = yaml.safe_load((out / "run_config.yaml").read_text())
+        assert results["derived_loss_kwargs"] == {"drw_epoch": 0} == {"drw_epoch": recorded["loss_kwargs"]["drw_epoch"]}
+        assert "drw_epoch" in card
 
 
 def test_cli_config_file_with_overrides(tmp_path: Path) -> None:
@@ -327,7 +331,7 @@ def test_init_from_with_a_different_class_count_is_refused(tmp_path: Path) -> No
 
     create_model("test_resnet", num_labels=3).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="has 3 classes but the dataset has 10"):
-        _load_initial_model(str(tmp_path / "m"), 10, np.ones(10, dtype=int), "h2t", 0.25)
+        _load_initial_model(str(tmp_path / "m"), 10, np.ones(10, dtype=int), "h2t")
 
 
 def test_cli_pi_h2t_trains_pif_in_stage1_and_h2tf_online(tmp_path: Path) -> None:

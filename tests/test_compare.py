@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -133,7 +134,7 @@ def test_report_schema_table_plot_and_best_model(two_runs) -> None:
 
 def test_same_seed_same_table(two_runs) -> None:
     (_, a), (_, b) = two_runs[0]
-    timings = {"tuning_s"}  # measured durations, the only thing allowed to differ between the two runs
+    timings = {"tuning_s", "final_s"}  # measured durations, the only thing allowed to differ between the two runs
     strip = lambda r: {k: {kk: vv for kk, vv in v.items() if kk not in timings}  # noqa: E731
                        for k, v in r["methods"].items()}
     assert json.dumps(strip(a), sort_keys=True) == json.dumps(strip(b), sort_keys=True)
@@ -306,7 +307,8 @@ def _argv(out: Path, *extra: str) -> list[str]:
 
 def _table(out: Path) -> str:
     report = json.loads((out / "comparison.json").read_text())
-    rows = {k: {kk: vv for kk, vv in v.items() if kk != "tuning_s"} for k, v in report["methods"].items()}
+    rows = {k: {kk: vv for kk, vv in v.items() if kk not in ("tuning_s", "final_s")}  # durations
+            for k, v in report["methods"].items()}
     return json.dumps(rows, sort_keys=True) + (out / "comparison.md").read_text()
 
 
@@ -375,3 +377,35 @@ def test_final_retraining_is_the_run_finetune_makes(method: str, tmp_path: Path)
     assert saved.keys() == head.keys()
     for key in saved:
         assert torch.equal(saved[key], head[key]), key
+
+
+class _ParamBench:
+    """A stand-in bench whose score is a fixed function of the configuration (so the draws decide the values)."""
+
+    base = RunConfig(**DATA)
+
+    def score(self, cand, overrides):
+        return [float(overrides["stage2_lr"]) % 0.37, float(overrides["loss_kwargs"]["tau"]) % 0.41]
+
+
+def test_a_study_cut_short_and_a_trial_left_running_end_as_the_straight_study(tmp_path: Path) -> None:
+    """Past TPE's random start-up (12 trials > 10): a resumed study draws what the straight one drew."""
+    import optuna
+
+    cand = cmp.Candidate("logit_adjusted", "logit_adjusted")
+    full = cmp.CompareConfig(methods=["logit_adjusted"], trials=12, seeds=1)
+
+    def params(url: str) -> list[dict]:
+        study = optuna.load_study(study_name="logit_adjusted", storage=url)
+        return [t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    straight = f"sqlite:///{tmp_path / 'straight.db'}"
+    cmp.tune(_ParamBench(), cand, full, cmp._open_storage(straight), exclusive=True)
+    cut = f"sqlite:///{tmp_path / 'cut.db'}"
+    cmp.tune(_ParamBench(), cand, dataclasses.replace(full, trials=7), cmp._open_storage(cut), exclusive=True)
+    optuna.load_study(study_name="logit_adjusted", storage=cut).ask()  # a trial a killed process left RUNNING
+    out = cmp.tune(_ParamBench(), cand, full, cmp._open_storage(cut), exclusive=True)
+    states = [t.state for t in optuna.load_study(study_name="logit_adjusted", storage=cut).trials]
+    assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.FAIL in states
+    assert out["resumed_trials"] == 7 and len(params(cut)) == 12
+    assert params(cut) == params(straight)

@@ -13,7 +13,7 @@ import torch
 
 from pih2t_hub.methods.dlsa import MADE, BatchNormFlow, DLSAConfig, FlowGMM, fit_dlsa, train_flowgmm
 from pih2t_hub.methods.dlsa.flowgmm import FlowObjective, FlowSelection, should_stop
-from pih2t_hub.models.pih2t.dlsa_head import MaskedLinear, StaircasePlan, made_masks, sequential_degrees
+from pih2t_hub.models.pih2t.dlsa_head import BlockPlan, MaskedLinear, _BlockMatmul, made_masks, sequential_degrees
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -31,15 +31,15 @@ def _made_layer_masks(dim: int, hidden: int, reversed_inputs: bool) -> list[torc
 
 
 @pytest.mark.parametrize("reversed_inputs", [False, True])
-@pytest.mark.parametrize("blocks", [2, 3, 5])
+@pytest.mark.parametrize("blocks", [3, 4, 6])
 def test_block_masked_linear_equals_dense_masked_product(reversed_inputs, blocks):
     """Forward and every gradient (input, weight, bias) equal the dense masked product, for each MADE mask."""
-    dim, hidden, batch = 11, 17, 9
-    for i, mask in enumerate(_made_layer_masks(dim, hidden, reversed_inputs)):
+    dim, batch = 13, 9
+    for i, mask in enumerate(_made_layer_masks(dim, dim, reversed_inputs)):  # hidden width D, the default
         layer = MaskedLinear(mask.shape[1], mask.shape[0], mask, _gen(i)).double()
         layer.num_blocks = blocks
         plan = layer.plan()
-        assert plan is not None and plan.nested and plan.work < 0.8  # the block path is the one tested
+        assert plan is not None and plan.work < 0.8  # the block path is the one tested
         ref = copy.deepcopy(layer)
         x = torch.randn(batch, mask.shape[1], generator=_gen(10 + i), dtype=torch.float64, requires_grad=True)
         xr = x.detach().clone().requires_grad_(True)
@@ -54,30 +54,53 @@ def test_block_masked_linear_equals_dense_masked_product(reversed_inputs, blocks
         assert torch.all(layer.weight.grad[mask == 0] == 0)  # masked weights never receive a gradient
 
 
-def test_staircase_plan_skips_about_half_of_a_triangular_mask():
+def test_block_plan_skips_about_half_of_a_triangular_mask():
     mask = torch.tril(torch.ones(12, 12))  # row r sees columns 0..r
-    plan = StaircasePlan(mask, 4)
-    assert plan.nested and plan.identity_rows and plan.identity_cols
-    # row blocks of 3: widths 3, 6, 9, 12 -> (3·3 + 3·6 + 3·9 + 3·12) / 144
-    assert plan.row_blocks == [(0, 3, 3), (3, 6, 6), (6, 9, 9), (9, 12, 12)]
-    assert plan.work == pytest.approx(90 / 144)
-    # column block c0..c1 is seen by rows c0.. only
-    assert plan.col_blocks == [(0, 3, 0), (3, 6, 3), (6, 9, 6), (9, 12, 9)]
+    plan = BlockPlan(mask, 4)
+    # row chunks of 3 see columns 0..2, 0..5, 0..8, 0..11; column chunk c0..c1 is seen by rows c0..11
+    assert plan.row_blocks == [(0, 3, [(0, 3)]), (3, 6, [(0, 6)]), (6, 9, [(0, 9)]), (9, 12, [(0, 12)])]
+    assert plan.col_blocks == [(0, 3, [(0, 12)]), (3, 6, [(3, 12)]), (6, 9, [(6, 12)]), (9, 12, [(9, 12)])]
+    assert plan.work == pytest.approx(90 / 144) and plan.extra.numel() == 0
 
 
-def test_non_nested_mask_falls_back_to_the_dense_product():
-    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    layer = MaskedLinear(3, 4, mask, _gen()).double()
+def test_block_plan_multiplies_columns_every_row_sees_separately():
+    """The MADE hidden layer: unit D-1 has degree 0, so every unit sees it; without it the boxes are triangular."""
+    dim = 9
+    mask = made_masks(sequential_degrees(dim, dim, 1))[1]
+    plan = BlockPlan(mask, 3)
+    assert plan.extra.tolist() == [0, dim - 1]  # the two degree-0 hidden units
+    assert plan.work < 0.8
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_product_is_exact_for_any_mask(seed):
+    """Boxes may hold zeros, never miss a non-zero: the product equals the dense one for a random mask too."""
+    g = _gen(seed)
+    mask = (torch.rand(14, 10, generator=g) < 0.4).double()
+    mask[:, 3] = 1.0  # a column every row sees (a candidate for the separate product)
+    w = torch.randn(14, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(14, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(6, 14, generator=g, dtype=torch.float64)
+    out = _BlockMatmul.apply(x, w, b, BlockPlan(mask, 4))
+    grads = torch.autograd.grad((out * up).sum(), (x, w, b))
+    ref = x @ (w * mask).T + b
+    ref_grads = torch.autograd.grad((ref * up).sum(), (x, w, b))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_mask_keeps_the_dense_product():
+    layer = MaskedLinear(6, 5, torch.ones(5, 6), _gen())
     layer.num_blocks = 2
-    assert not StaircasePlan(mask, 2).nested and layer.plan() is None
-    x = torch.randn(5, 3, generator=_gen(1), dtype=torch.float64)
-    torch.testing.assert_close(layer(x), _dense(x, layer))
+    assert layer.plan() is None  # nothing to skip
 
 
 def test_made_block_path_equals_dense_path_both_orders():
     dim = 10
     for degrees in (None, torch.arange(dim).flip(0)):
-        made = MADE(dim, 13, 1, degrees, generator=_gen()).double()
+        made = MADE(dim, dim, 1, degrees, generator=_gen()).double()
         for layer in made.net:
             if isinstance(layer, MaskedLinear):
                 layer.num_blocks = 3

@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pih2t_hub"
 
 #: Part of the package (its first name under ``pih2t_hub``) -> layer. Parts of one layer do not import each other.
 LAYERS = {
-    "_atomic": 0, "_names": 0, "registry": 0, "schedules": 0,  # foundations: no project import above them
-    "data": 1, "losses": 1, "models": 1, "_tuning_names": 1,  # what a method is built from
+    "_atomic": 0, "_names": 0, "_progress": 0, "registry": 0, "schedules": 0,  # foundations: no project import
+    "data": 1, "losses": 1, "models": 1, "_tuning_names": 1,  # what a method is built from; tuning names (light)
     "methods": 2, "evaluation": 2, "hub": 2, "_auto_register": 2,  # methods; reading and publishing models
     "training": 3,  # the engine: asks the methods, evaluates, exports
     "compare": 4,  # the fair comparison, on the engine
@@ -26,10 +26,15 @@ LAYERS = {
 }
 
 
+#: Top-level modules that are one part with another: the comparison's light config and its command line.
+PART_OF = {"compare_cli": "compare", "compare_config": "compare"}
+
+
 def _part(module: str) -> str:
     """``pih2t_hub.methods.base`` -> ``methods``; the package itself -> ``__init__``."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "__init__"
+    part = parts[1] if len(parts) > 1 else "__init__"
+    return PART_OF.get(part, part)
 
 
 def _module_name(path: Path) -> str:

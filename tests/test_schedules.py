@@ -49,7 +49,7 @@ def test_cosine_hand_values() -> None:
 def test_warmup_multistep_is_bitwise_the_per_epoch_formula(epochs, warmup, fractions, gamma) -> None:
     milestones = [max(1, round(f * epochs)) for f in fractions]
     for peak in _peaks():
-        formula = [peak * ((e + 1) / warmup) if e < warmup else peak * gamma ** sum(e >= m for m in milestones)
+        formula = [peak * (e + 1) / warmup if e < warmup else peak * gamma ** sum(e >= m for m in milestones)
                    for e in range(epochs)]
         got = _stepped(lambda opt: warmup_multistep_schedule(opt, warmup, milestones, gamma), peak, epochs)
         assert got == formula, peak
@@ -58,6 +58,29 @@ def test_warmup_multistep_is_bitwise_the_per_epoch_formula(epochs, warmup, fract
 def test_warmup_multistep_hand_values() -> None:
     lrs = _stepped(lambda opt: warmup_multistep_schedule(opt, 2, [4, 6], gamma=0.1), 0.1, 8)
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-12)
+
+
+def test_a_resumed_scheduler_continues_from_its_state_dict() -> None:
+    """The warm-up scheduler's state is torch's own (``state_dict`` / ``load_state_dict``)."""
+    def make(opt):
+        return warmup_multistep_schedule(opt, 3, [5], gamma=0.5)
+
+    full = _stepped(make, 0.2, 8)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
+    first = make(opt)
+    for _ in range(4):
+        opt.step()
+        first.step()
+    fresh_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
+    fresh_opt.load_state_dict(opt.state_dict())
+    second = make(fresh_opt)
+    second.load_state_dict(first.state_dict())
+    rest = []
+    for _ in range(4):
+        rest.append(second.get_last_lr()[0])
+        fresh_opt.step()
+        second.step()
+    assert rest == full[4:]
 
 
 def test_the_loop_records_and_resumes_the_schedule(tmp_path) -> None:

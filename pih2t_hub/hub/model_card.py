@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from pih2t_hub.hub._files import atomic_write_text
+from pih2t_hub._atomic import atomic_write_text
 
 __all__ = [
     "CONFIG_KEYS",
@@ -478,4 +478,4 @@ def _run_settings(
 
 def write_model_card(card: ModelCard | str, folder: str | os.PathLike[str]) -> Path:
     """Write ``card`` as ``folder/README.md`` atomically (temp file + rename), readable like any new file (0644)."""
-    return atomic_write_text(Path(folder) / "README.md", str(card))
+    return atomic_write_text(Path(folder) / "README.md", str(card), parents=True)

@@ -238,37 +238,33 @@ def push_to_hub(
     folder_or_model: Any,
     repo_id: str,
     *,
-    card: ModelCard | str | None = None,
-    config: Mapping[str, Any] | None = None,
-    results: Mapping[str, Any] | None = None,
-    plot: str | os.PathLike[str] | None = None,
-    image_processor: Any | None = None,
-    extra_files: Sequence[str | os.PathLike[str]] = (),
     token: str | None = None,
     private: bool = False,
     commit_message: str | None = None,
     revision: str | None = None,
-    allow_empty_groups: bool = False,
     api: Any | None = None,
-    hub_format: str = "pih2t",
+    **content: Any,
 ) -> Any:
     """Validate, then upload a model repository in one commit; returns ``upload_folder``'s result.
 
     Args:
         folder_or_model: a ``save_pretrained`` folder, or a model (``PreTrainedModel``) to save.
         repo_id: ``"namespace/name"`` on the Hub.
-        card: a rendered card (``ModelCard`` or text); or
-        config, results: the resolved run config and the metrics (``longtail_metrics`` output) to render one
-            with :func:`~pih2t_hub.hub.model_card.render_model_card`. Without either, the folder's README.md is
-            used (and must be a rendered card).
-        plot: the accuracy-vs-frequency PNG; uploaded under its file name and shown in the card.
-        image_processor: saved into the upload when ``folder_or_model`` is a model without one.
-        extra_files: more files to upload at the repository root.
         token, private, revision: as in ``HfApi``; ``create_repo(exist_ok=True)`` keeps an existing repo.
         api: an ``HfApi``-like object (tests route it to a local server).
-        hub_format: ``"pih2t"`` (default: ``save_pretrained`` layout with remote code) or ``"timm"``: a model is
-            written with :func:`~pih2t_hub.hub.export_timm` (refused unless timm backbone + linear head), a folder
-            must already be an ``export_timm`` folder; the card then shows timm / TimmWrapper usage.
+        content: what the repository holds, the keyword arguments of :func:`stage_model_folder` (one list of
+            them, so the two cannot drift apart):
+
+            * ``card``: a rendered card (``ModelCard`` or text); or ``config``, ``results``: the resolved run
+              config and the metrics (``longtail_metrics`` output) to render one with
+              :func:`~pih2t_hub.hub.model_card.render_model_card`. Without either, the folder's README.md is
+              used (and must be a rendered card); ``allow_empty_groups`` leaves a shot group without classes out.
+            * ``plot``: the accuracy-vs-frequency PNG; uploaded under its file name and shown in the card.
+            * ``image_processor``: saved into the upload when ``folder_or_model`` is a model without one.
+            * ``extra_files``: more files to upload at the repository root.
+            * ``hub_format``: ``"pih2t"`` (default: ``save_pretrained`` layout with remote code) or ``"timm"``: a
+              model is written with :func:`~pih2t_hub.hub.export_timm` (refused unless timm backbone + linear
+              head), a folder must already be an ``export_timm`` folder; the card then shows timm usage.
 
     Raises:
         ValueError: the content is incomplete (see :func:`validate_model_folder`), a card cannot be rendered
@@ -277,19 +273,8 @@ def push_to_hub(
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}")
     with tempfile.TemporaryDirectory(prefix="pih2t_push_") as tmp:
-        staging = stage_model_folder(
-            folder_or_model,
-            Path(tmp) / "repo",
-            repo_id=repo_id,
-            card=card,
-            config=config,
-            results=results,
-            plot=plot,
-            image_processor=image_processor,
-            extra_files=extra_files,
-            allow_empty_groups=allow_empty_groups,
-            hub_format=hub_format,
-        )
+        staging = stage_model_folder(folder_or_model, Path(tmp) / "repo", repo_id=repo_id, **content)
+        allow_empty_groups, hub_format = content.get("allow_empty_groups", False), content.get("hub_format", "pih2t")
         # with allow_empty_groups a shot group without classes (e.g. no few-shot class) is left out of the card
         required = ("accuracy", "balanced_accuracy") if allow_empty_groups else None
         validate_model_folder(staging, require_metrics=required, hub_format=hub_format)

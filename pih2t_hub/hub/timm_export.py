@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from pih2t_hub.hub._files import publish_folder
+from pih2t_hub._atomic import publish_folder
 
 __all__ = [
     "TIMM_REQUIRED_FILES",

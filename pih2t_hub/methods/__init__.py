@@ -1,7 +1,9 @@
 """Long-tailed methods as plug-ins: one module per method, each registering itself with ``@register_method``.
 
 ``get_method(name)`` returns the method's class; ``list_methods()`` the registered names. A method of your own is a
-subclass of :class:`Method` in any module you import before the run (docs/methods.md shows a worked example).
+subclass of :class:`Method` in one module: imported before the run, or declared by an installed package in the
+``pih2t_hub.methods`` entry-point group so that ``--method NAME`` finds it (docs/methods.md shows a worked example).
+The built-ins are imported here, so they never depend on the installed metadata.
 """
 
 from __future__ import annotations

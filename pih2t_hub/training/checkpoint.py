@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .._atomic import atomic_write
+from .._atomic import atomic_write, swap_folder
+from .._atomic import atomic_write_json as write_atomic_json  # the engine's name for it
 
 MANIFEST = "pih2t_checkpoint.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -36,11 +36,6 @@ def _sha256(path: Path) -> str:
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_atomic_json(path: Path | str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temp file and a rename (complete or absent)."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str), text=True)
 
 
 def begin_checkpoint(root: Path | str, step: int) -> Path:
@@ -66,9 +61,7 @@ def seal_checkpoint(root: Path | str, step: int, trainer_state: dict[str, Any], 
     manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                                         for p in _files(tmp)}}
     write_atomic_json(tmp / MANIFEST, manifest)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    swap_folder(tmp, final)  # replaces a checkpoint of the same step (a resumed run re-saving it)
     prune_checkpoints(root, keep_last)
     return final
 

@@ -225,13 +225,12 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
     debug = "--debug" in argv
     try:
         from .preflight import preflight
-        from .resume import run_guard
 
         cfg = preflight(resolve_config(argv, config_dir))
-        with terminate_like_ctrl_c(), run_guard(cfg):
-            from .run import run  # the heavy imports (datasets, accelerate) only once the config is known good
+        with terminate_like_ctrl_c():
+            from .run import run_checked  # the heavy imports (datasets, accelerate) only once the config is good
 
-            run(cfg)
+            run_checked(cfg)  # the recipe resolved, the output guarded, the steps walked: once each
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): exit codes 130 and 143, as a shell reports
         terminated = isinstance(err, Terminated)
         print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: rerun with --resume to continue from the "

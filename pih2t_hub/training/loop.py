@@ -337,13 +337,18 @@ class _Loop:
         self.checkpoint()
         self.consistent = True
 
-    def replay_schedule(self) -> None:
-        """Step the (fresh) scheduler to the resumed epoch: the schedules are functions of the epoch, so this
-        gives exactly the learning rate the uninterrupted run had there."""
-        with warnings.catch_warnings():  # no optimiser step precedes these, on purpose
+    def step_schedule(self) -> None:
+        """Step the per-epoch scheduler. torch warns when no optimiser step came first (a resumed run replaying
+        its schedule, an epoch resumed at its very end); the schedules are closed forms of the epoch, so the
+        learning rate is the same either way and the warning is silenced here only."""
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            while self.scheduler.last_epoch < self.state.epoch:
-                self.scheduler.step()
+            self.scheduler.step()
+
+    def replay_schedule(self) -> None:
+        """Step the (fresh) scheduler to the resumed epoch: exactly the learning rate the uninterrupted run had."""
+        while self.scheduler.last_epoch < self.state.epoch:
+            self.step_schedule()
 
     def run(self) -> LoopState:
         state = self.state
@@ -358,7 +363,7 @@ class _Loop:
                 if self.train_epoch(epoch, lr, interrupt):
                     return state
                 self.end_epoch(epoch, lr)
-                self.scheduler.step()
+                self.step_schedule()
                 interrupt.raise_if_requested()
         except KeyboardInterrupt:
             if not self.consistent:

@@ -9,7 +9,9 @@ Deviations from the official code: the official code scores epochs on the (remai
 the caller passes the selection split, and :func:`fit_dlsa` passes a validation split when one is given
 (test-free model selection). When selecting on a split of a different size, the cluster-size bounds may be
 rescaled by the caller ([RECON], see ``DLSAConfig.scale_size_thresholds``). Optional gradient-norm clipping and
-restarts with a halved learning rate after a divergence are additions (the official code has neither).
+restarts with a halved learning rate after a divergence are additions (the official code has neither), and so is
+early stopping (``FlowObjective.patience``, :func:`should_stop`). Positives and negatives go through the flow as one
+batch with per-half BatchNorm statistics (``joint_pairs``), which equals the official two passes.
 """
 
 from __future__ import annotations

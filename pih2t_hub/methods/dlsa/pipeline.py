@@ -16,6 +16,10 @@ Deviations from the official code (all switchable or documented):
 * **Cluster-size bounds rescaled** to the selection split's size when selecting on validation
   (``scale_size_thresholds``) [RECON]: the official bounds (> 10, < 5000) are absolute counts on ImageNet-scale
   training sets.
+* **Flow early stopping** (``flow_patience``, default 10): the flow stops once that many epochs in a row have not
+  beaten the best selected epoch (the official code trains every epoch; ``None`` does too). The other speed-ups
+  (``flow_fast_path``: block-sparse masked products, one flow pass per pair batch) compute the same numbers up to
+  float rounding.
 * Classifier and flow parameters are initialised like ``torch.nn.Linear`` but from a local generator.
 * Not implemented: the class-aware (CBS) sampler config, the ``ride`` classifier (unimplemented upstream too),
   loading pretrained flows.

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 __all__ = [
     "sequential_degrees",
     "made_masks",
-    "StaircasePlan",
+    "BlockPlan",
     "MaskedLinear",
     "MADE",
     "BatchNormFlow",
@@ -82,95 +82,123 @@ def made_masks(degrees: list[torch.Tensor]) -> list[torch.Tensor]:
     return [(d_out[:, None] >= d_in[None, :]).float() for d_in, d_out in zip(degrees[:-1], degrees[1:])]
 
 
-class StaircasePlan:
-    """How to multiply by a nested 0/1 mask without touching its zeros (exact; only the summation order changes).
+def _boxes(mask: torch.Tensor, cuts: list[int], segments: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """For each row chunk ``cuts[i]..cuts[i+1]`` of ``mask``: the column range [lo, hi) holding all its non-zeros,
+    one range per equal column segment (none where a segment is empty)."""
+    n_cols = mask.shape[1]
+    seg_cuts = [n_cols * k // segments for k in range(segments + 1)]
+    out = []
+    for r0, r1 in zip(cuts[:-1], cuts[1:]):
+        ranges = []
+        for s0, s1 in zip(seg_cuts[:-1], seg_cuts[1:]):
+            cols = mask[r0:r1, s0:s1].any(0).nonzero().squeeze(1)
+            if cols.numel():
+                ranges.append((s0 + int(cols[0]), s0 + int(cols[-1]) + 1))
+        out.append((r0, r1, ranges))
+    return out
 
-    A MADE mask ``deg_out[k] >= deg_in[i]`` is *nested*: the inputs one output sees are a subset of those the next
-    output (in degree order) sees. With the rows sorted by how many inputs they see and the columns by how many
-    rows see them, the mask is a staircase: row ``r`` sees the first ``widths[r]`` columns. The rows are cut into
-    blocks; block ``(r0, r1, w)`` multiplies only the first ``w`` sorted columns. The gradient with respect to
-    the input is cut into column blocks ``(c0, c1, r)``: columns ``c0..c1`` are seen only by rows ``r..``.
-    About half of a triangular mask's products are skipped (``work`` = the fraction still computed).
+
+class BlockPlan:
+    """Which blocks of a masked product hold non-zeros, so that only those are multiplied (exact for any mask).
+
+    The rows are cut into ``num_blocks`` chunks in their stored order; each chunk multiplies only the column range
+    that holds its non-zeros (its bounding box). The input gradient is cut the same way along the columns. The
+    masked weight is zero outside the mask, so a box may hold zeros without changing the result; how much is
+    skipped depends on the mask. A MADE mask (unit k sees unit i iff deg_k >= deg_i) with the sequential degrees
+    is close to triangular in the stored order, except for columns every row sees (the hidden unit of degree 0
+    at the end): those ``extra`` columns are multiplied separately when that shrinks the boxes. A mask made of
+    two identical row halves (MADE's output layer, for m and log a) gets ``num_blocks`` row chunks per half and
+    its column boxes per half.
+    ``work`` is the fraction of the dense product still computed.
     """
 
     def __init__(self, mask: torch.Tensor, num_blocks: int):
-        rows, cols = (mask != 0).sum(1), (mask != 0).sum(0)
-        self.row_perm = torch.argsort(rows, stable=True)
-        self.col_perm = torch.argsort(-cols, stable=True)
-        self.inv_row_perm = torch.argsort(self.row_perm)
-        self.mask = mask[self.row_perm][:, self.col_perm]
-        widths = rows[self.row_perm]
-        n_rows, n_cols = mask.shape
-        steps = torch.arange(n_cols, device=mask.device)
-        self.nested = bool(torch.equal(self.mask != 0, steps[None, :] < widths[:, None]))
-        cuts = torch.linspace(0, n_rows, num_blocks + 1).round().long().unique().tolist()
-        self.row_blocks = [(r0, r1, int(widths[r1 - 1])) for r0, r1 in zip(cuts[:-1], cuts[1:])]
-        col_cuts = torch.linspace(0, n_cols, num_blocks + 1).round().long().unique().tolist()
-        first = torch.searchsorted(widths, torch.tensor(col_cuts[:-1], device=mask.device), right=True).tolist()
-        self.col_blocks = [(c0, c1, int(r)) for c0, c1, r in zip(col_cuts[:-1], col_cuts[1:], first)]
-        self.work = sum((r1 - r0) * w for r0, r1, w in self.row_blocks) / max(n_rows * n_cols, 1)
-        self.identity_rows = bool(torch.equal(self.row_perm, torch.arange(n_rows, device=mask.device)))
-        self.identity_cols = bool(torch.equal(self.col_perm, steps))
-        self.inv_col_perm = torch.argsort(self.col_perm)
-
-    def sort_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """A new (R, C) tensor: ``weight * mask`` with rows and columns in the sorted order."""
-        w = weight if self.identity_rows else weight.index_select(0, self.row_perm)
-        w = w if self.identity_cols else w.index_select(1, self.col_perm)
-        return w * self.mask if w is weight else w.mul_(self.mask)
-
-    def unsort_weight(self, w_sorted: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`sort_weight`'s reordering (for gradients)."""
-        w = w_sorted if self.identity_rows else w_sorted.index_select(0, self.inv_row_perm)
-        return w if self.identity_cols else w.index_select(1, self.inv_col_perm)
+        nz = mask != 0
+        n_rows, n_cols = nz.shape
+        live = nz.any(1)
+        full = (nz | ~live[:, None]).all(0) & live.any()  # columns seen by every row that sees anything
+        halves = 2 if n_rows % 2 == 0 and n_rows > 1 and torch.equal(nz[: n_rows // 2], nz[n_rows // 2:]) else 1
+        best = None
+        for extra in (torch.zeros_like(full), full):
+            main = nz & ~extra[None, :]
+            half = n_rows // halves  # row chunks never straddle the two halves
+            row_cuts = torch.cat([torch.linspace(0, half, num_blocks + 1).round().long() + h * half
+                                  for h in range(halves)]).unique().tolist()
+            col_cuts = torch.linspace(0, n_cols, num_blocks + 1).round().long().unique().tolist()
+            rows = _boxes(main, row_cuts, 1)
+            cols = _boxes(main.T, col_cuts, halves)
+            area = sum((r1 - r0) * (hi - lo) for r0, r1, rs in rows for lo, hi in rs)
+            area += int(extra.sum()) * n_rows
+            if best is None or area < best[0]:
+                best = (area, extra, main, rows, cols)
+        area, extra, main, self.row_blocks, self.col_blocks = best
+        self.extra = extra.nonzero().squeeze(1)
+        self.main_mask = main.to(mask.dtype)
+        self.extra_mask = mask[:, self.extra]
+        self.work = area / max(n_rows * n_cols, 1)
 
 
-class _StaircaseMatmul(torch.autograd.Function):
-    """``F.linear(x, weight * mask, bias)`` on sorted input columns, multiplying only a plan's blocks.
-
-    Takes the parameters in their stored order and returns the outputs in the plan's sorted row order. The
-    sorted, masked weight is built once per call (no autograd graph over it) and reused by the backward pass;
-    the weight gradient is computed in sorted order and put back into the stored order.
-    """
+class _BlockMatmul(torch.autograd.Function):
+    """``F.linear(x, weight * mask, bias)`` multiplying only the blocks of a :class:`BlockPlan` (same result)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, plan: StaircasePlan) -> torch.Tensor:
-        w_sorted = plan.sort_weight(weight)
-        b_sorted = bias if plan.identity_rows else bias[plan.row_perm]
-        parts = [torch.addmm(b_sorted[r0:r1], x[:, :w], w_sorted[r0:r1, :w].T) for r0, r1, w in plan.row_blocks]
-        ctx.save_for_backward(x, w_sorted)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+        w_main = weight * plan.main_mask
+        parts = []
+        for r0, r1, ranges in plan.row_blocks:
+            out = bias[r0:r1].expand(x.shape[0], r1 - r0)
+            for lo, hi in ranges:
+                out = torch.addmm(out, x[:, lo:hi], w_main[r0:r1, lo:hi].T)
+            parts.append(out)
+        y = torch.cat(parts, dim=1)
+        w_extra = None
+        if plan.extra.numel():
+            w_extra = weight[:, plan.extra] * plan.extra_mask
+            y.addmm_(x[:, plan.extra], w_extra.T)
+        ctx.save_for_backward(x, w_main, w_extra)
         ctx.plan = plan
-        return torch.cat(parts, dim=1)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w_sorted = ctx.saved_tensors
-        plan: StaircasePlan = ctx.plan
+        x, w_main, w_extra = ctx.saved_tensors
+        plan: BlockPlan = ctx.plan
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.cat([grad[:, r:] @ w_sorted[r:, c0:c1] for c0, c1, r in plan.col_blocks], dim=1)
+            parts = []
+            for c0, c1, ranges in plan.col_blocks:
+                out = grad.new_zeros(grad.shape[0], c1 - c0) if not ranges else None
+                for lo, hi in ranges:
+                    term = grad[:, lo:hi] @ w_main[lo:hi, c0:c1]
+                    out = term if out is None else out.add_(term)
+                parts.append(out)
+            grad_x = torch.cat(parts, dim=1)
+            if w_extra is not None:
+                grad_x.index_add_(1, plan.extra, grad @ w_extra)
         if ctx.needs_input_grad[1]:
-            g_sorted = torch.empty_like(w_sorted)
-            for r0, r1, w in plan.row_blocks:
-                torch.mm(grad[:, r0:r1].T, x[:, :w], out=g_sorted[r0:r1, :w])
-                g_sorted[r0:r1, w:] = 0
-            grad_w = plan.unsort_weight(g_sorted.mul_(plan.mask))
+            grad_w = torch.zeros_like(w_main)
+            for r0, r1, ranges in plan.row_blocks:
+                for lo, hi in ranges:
+                    torch.mm(grad[:, r0:r1].T, x[:, lo:hi], out=grad_w[r0:r1, lo:hi])
+            grad_w.mul_(plan.main_mask)
+            if w_extra is not None:
+                grad_w[:, plan.extra] = (grad.T @ x[:, plan.extra]) * plan.extra_mask
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
-            grad_b = grad_b if plan.identity_rows else grad_b[plan.inv_row_perm]
         return grad_x, grad_w, grad_b, None
 
 
 class MaskedLinear(nn.Module):
     """Linear layer whose dense weight is multiplied by a fixed 0/1 mask (the autoregressive wiring).
 
-    ``block_matmul`` (default on): when the mask is nested (every MADE mask is) and skipping its zeros saves at
-    least a fifth of the products, only the non-zero blocks are multiplied (:class:`StaircasePlan`), forward and
-    backward. The result is the dense masked product up to float rounding; parameters and state are unchanged.
+    ``block_matmul`` (default on): in training (gradients enabled), when skipping the mask's empty blocks saves at
+    least a fifth of the products (every MADE mask at the default widths), only the blocks holding non-zeros are
+    multiplied (:class:`BlockPlan`), forward and backward; inference and export use the dense product. The result is the dense masked product up to float rounding;
+    parameters, buffers and saved models are unchanged.
     """
 
     block_matmul: bool = True
-    num_blocks: int | None = None  #: row/column blocks of the plan; None = one per 96 rows, at most 16
+    num_blocks: int | None = None  #: blocks of the plan; None = one per 128 rows or columns (fewer), at most 16
 
     def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, generator: torch.Generator | None = None):
         super().__init__()
@@ -182,29 +210,25 @@ class MaskedLinear(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         _uniform_(self.weight, bound, generator)
         _uniform_(self.bias, bound, generator)
-        self._plan_cache: tuple[Any, StaircasePlan] | None = None
+        self._plan_cache: tuple[Any, BlockPlan] | None = None
 
-    def plan(self) -> StaircasePlan | None:
+    def plan(self) -> BlockPlan | None:
         """The block plan of this mask, or None when the dense product is used (kept per device, dtype and size)."""
         if not self.block_matmul:
             return None
-        blocks = self.num_blocks or max(1, min(16, self.mask.shape[0] // 96))
+        blocks = self.num_blocks or max(1, min(16, min(self.mask.shape) // 128))
         key = (self.mask.device, self.mask.dtype, blocks)
         if self._plan_cache is None or self._plan_cache[0] != key:
-            self._plan_cache = (key, StaircasePlan(self.mask, blocks))
+            self._plan_cache = (key, BlockPlan(self.mask, blocks))
         plan = self._plan_cache[1]
-        return plan if plan.nested and plan.work <= 0.8 else None
-
-    def sorted_forward(self, x: torch.Tensor, plan: StaircasePlan) -> torch.Tensor:
-        """The layer on input columns in ``plan.col_perm`` order; output columns in ``plan.row_perm`` order."""
-        return _StaircaseMatmul.apply(x, self.weight, self.bias, plan)
+        return plan if plan.work <= 0.8 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan()
+        # the block path serves training (where the cost is); inference and export keep the plain dense product
+        plan = self.plan() if torch.is_grad_enabled() and self.weight.requires_grad else None
         if plan is None:
             return F.linear(x, self.weight * self.mask, self.bias)
-        y = self.sorted_forward(x if plan.identity_cols else x.index_select(1, plan.col_perm), plan)
-        return y if plan.identity_rows else y.index_select(1, plan.inv_row_perm)
+        return _BlockMatmul.apply(x, self.weight, self.bias, plan)
 
 
 class MADE(nn.Module):
@@ -231,24 +255,8 @@ class MADE(nn.Module):
         layers += [nn.ReLU(), MaskedLinear(hidden_size, 2 * dim, masks[-1].repeat(2, 1), generator)]
         self.net = nn.Sequential(*layers)
 
-    def _net(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.net(x)``; with block plans, the hidden units stay in sorted order from one layer to the next."""
-        layers = [m for m in self.net if isinstance(m, MaskedLinear)]
-        plans = [layer.plan() for layer in layers]
-        if any(plan is None for plan in plans):
-            return self.net(x)
-        h = x if plans[0].identity_cols else x.index_select(1, plans[0].col_perm)
-        for i, (layer, plan) in enumerate(zip(layers, plans)):
-            if i:
-                h = torch.relu(h)
-                prev = plans[i - 1]
-                if not torch.equal(prev.row_perm, plan.col_perm):  # re-sort: original order, then this layer's
-                    h = h.index_select(1, prev.inv_row_perm[plan.col_perm])
-            h = layer.sorted_forward(h, plan)
-        return h if plans[-1].identity_rows else h.index_select(1, plans[-1].inv_row_perm)
-
     def _shift_logscale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m, log_a = self._net(x).chunk(2, dim=1)
+        m, log_a = self.net(x).chunk(2, dim=1)
         return m, log_a
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
