@@ -150,3 +150,17 @@ def test_default_tau_grid():
     w = torch.eye(2)
     sel = select_tau(w, torch.zeros(2), torch.eye(2), torch.tensor([0, 1]))
     assert [t for t, _ in sel.scores] == pytest.approx(list(np.linspace(0, 2, 21)))
+
+
+def test_crt_reinit_redraws_a_cosine_head_from_the_generator():
+    """cRT after a stage 1 with a cosine head (lightweight fine-tuning's head): the class vectors are drawn afresh
+    from N(0, 0.01²) with the given generator, the same draw as the generator gives directly."""
+    from pih2t_hub.models.pih2t.heads import CosineHead
+
+    head = CosineHead(6, 4, scale=25.0)
+    with torch.no_grad():
+        head.weight.fill_(1.0)
+    crt_reinit(head, generator=torch.Generator().manual_seed(5))
+    expected = torch.empty(4, 6).normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(head.weight.detach(), expected) and head.weight.requires_grad
+    assert head.scale == 25.0

@@ -674,3 +674,17 @@ def test_export_rejects_mismatched_models_and_configs(exported):
         install_head(create_model("test_resnet", num_labels=3), dl)
     with pytest.raises(ValueError, match="head_config"):
         build_head("dlsa", dl.in_features, 5)
+
+
+def test_the_method_lowers_k_to_what_a_small_training_set_allows():
+    """Each FlowGMM needs at least K rows: a training set below K (one fold's training part, say) is fitted with K
+    lowered to the rows the deepest flow sees (n, then ⌊n(1-ρ)⌋ per depth), and larger ones keep K unchanged."""
+    from pih2t_hub.methods.dlsa.method import clusters_for
+    from pih2t_hub.methods.dlsa.pipeline import DLSAConfig
+
+    base = DLSAConfig(num_clusters=500, max_depth=1, rho=0.3)
+    assert clusters_for(base, 487).num_clusters == 487
+    assert clusters_for(base, 600) is base
+    deep = DLSAConfig(num_clusters=500, max_depth=2, rho=0.3)
+    assert clusters_for(deep, 600).num_clusters == math.floor(600 * 0.7)  # the second flow sees 420 rows
+    assert clusters_for(deep, 800).num_clusters == 500  # 560 rows at depth 2: enough

@@ -16,6 +16,7 @@ All functions are pure (tensors in, tensors out) and use no global random state.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple, Sequence
 
@@ -210,8 +211,8 @@ def crt_reinit(head: nn.Module, generator: torch.Generator | None = None) -> nn.
 
     For ``nn.Linear`` the weights and bias are drawn from U(-1/√fan_in, 1/√fan_in), the distribution of
     ``nn.Linear``'s own default initialisation, using ``generator`` so that runs are reproducible without touching
-    global RNG state. Other modules must define ``reset_parameters()`` (then ``generator`` cannot be honoured and
-    passing one raises ``TypeError``). cRT pairs this with class-balanced sampling on frozen features.
+    global RNG state. Other modules must define ``reset_parameters()``; one that takes a ``generator`` (the cosine
+    head) draws from it, otherwise passing one raises ``TypeError``. cRT pairs this with class-balanced sampling on frozen features.
     """
     if isinstance(head, nn.Linear):
         bound = 1.0 / math.sqrt(head.in_features) if head.in_features > 0 else 0.0
@@ -219,9 +220,12 @@ def crt_reinit(head: nn.Module, generator: torch.Generator | None = None) -> nn.
         if head.bias is not None:
             head.bias.uniform_(-bound, bound, generator=generator)
     elif hasattr(head, "reset_parameters"):
-        if generator is not None:
+        if "generator" in inspect.signature(head.reset_parameters).parameters:
+            head.reset_parameters(generator=generator)
+        elif generator is not None:
             raise TypeError(f"{type(head).__name__}.reset_parameters cannot use a generator; pass generator=None")
-        head.reset_parameters()
+        else:
+            head.reset_parameters()
     else:
         raise TypeError(f"crt_reinit needs an nn.Linear or a module with reset_parameters(), got {type(head).__name__}")
     head.requires_grad_(True)

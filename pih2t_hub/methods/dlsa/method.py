@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ..base import Method, Stage2Context, register_method
-from .pipeline import DLSAConfig, fit_dlsa
+from .pipeline import DLSAConfig, fit_dlsa, remaining_sizes
+
+
+def clusters_for(config: DLSAConfig, n: int) -> DLSAConfig:
+    """The configuration with K lowered to what ``n`` training rows allow at every depth (each FlowGMM needs at least
+    as many rows as components); unchanged where the data has enough. Small training sets, such as one fold's
+    training part in a cross-validated comparison, would otherwise be refused for a K sized for larger data."""
+    allowed = min(remaining_sizes(n, config.rho, config.max_depth)[:config.max_depth])
+    return config if allowed >= config.num_clusters else dataclasses.replace(config, num_clusters=max(1, allowed))
 
 
 @register_method("dlsa")
@@ -19,11 +29,13 @@ class DLSA(Method):
 
     def finalize(self, trained: nn.Module, ctx: Stage2Context) -> nn.Module:
         (xtr, ytr), (xva, yva) = ctx.train_features, ctx.val_features
-        config = self.params
+        config = clusters_for(self.params, int(xtr.shape[0]))
         bias = getattr(trained, "bias", None)
         fitted = fit_dlsa(xtr.float(), ytr, xva.float(), yva, config, seed=self.cfg.seed,
                           stage1_weight=trained.weight.detach(), stage1_bias=None if bias is None else bias.detach())
-        ctx.results["dlsa"] = {"config": config.to_dict(), "history": fitted.history}  # flow lr, restarts, routes
+        # the configuration as fitted (K included), and the flow's lr, restarts and routes
+        ctx.results["dlsa"] = {"config": config.to_dict(), "history": fitted.history,
+                               "num_clusters_lowered": config.num_clusters != self.params.num_clusters}
         return fitted.to_head()
 
     def export(self, model: nn.Module, head: nn.Module, ctx: Stage2Context) -> nn.Module:

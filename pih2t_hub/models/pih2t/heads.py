@@ -62,6 +62,11 @@ class CosineHead(nn.Module):
         self.in_features = in_features
         self.out_features = num_classes
 
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Class vectors drawn afresh from N(0, 0.01²), as at construction (cRT re-initialises the head this way)."""
+        self.weight.normal_(0.0, 0.01, generator=generator)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
 
