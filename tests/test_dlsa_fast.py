@@ -209,6 +209,8 @@ def test_patience_is_validated():
     with pytest.raises(ValueError, match="flow_patience"):
         DLSAConfig(flow_patience=0)
     assert DLSAConfig(flow_patience=None).flow_patience is None
+    assert DLSAConfig().flow_patience == 10  # the default stops early; the released configs train every epoch
+    assert DLSAConfig.from_preset("imagenet_lt_ce_r50_bsm").flow_patience is None
 
 
 def test_fit_records_the_flow_epochs_run(data):

@@ -60,8 +60,9 @@ logger = logging.getLogger(__name__)
 
 # The released flow optimiser: SGD at lr 0.2 without clipping. It diverges on some feature sets (e.g. 1,280-dim
 # ReLU6 EfficientNet features with norm ~40), which is why DLSAConfig's own default is a smaller, clipped step;
-# the presets keep the released values, with the halving restarts as the only safety net (each one logged).
-_OFFICIAL_FLOW = {"flow_lr": 0.2, "flow_grad_clip": None}
+# the presets keep the released values, with the halving restarts as the only safety net (each one logged). They
+# also train every flow epoch, as released (no early stopping).
+_OFFICIAL_FLOW = {"flow_lr": 0.2, "flow_grad_clip": None, "flow_patience": None}
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # the released configs (docs/methods.md, DLSA); the other defaults of DLSAConfig are ImgNet_CE_R50_bsm's

@@ -193,8 +193,8 @@ class MaskedLinear(nn.Module):
 
     ``block_matmul`` (default on): in training (gradients enabled), when skipping the mask's empty blocks saves at
     least a fifth of the products (every MADE mask at the default widths), only the blocks holding non-zeros are
-    multiplied (:class:`BlockPlan`), forward and backward; inference and export use the dense product. The result is the dense masked product up to float rounding;
-    parameters, buffers and saved models are unchanged.
+    multiplied (:class:`BlockPlan`), forward and backward; inference and export use the dense product. The
+    result is the dense masked product up to float rounding; parameters, buffers and saved models are unchanged.
     """
 
     block_matmul: bool = True
