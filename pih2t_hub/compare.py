@@ -192,10 +192,7 @@ class Bench:
         from .training.run import train_stage2
 
         cls = get_method(cand.method)
-        cfg = cls.resolve(_merge(dataclasses.replace(self.base, method=cand.method, seed=part.seed), cand.fixed,
-                                 overrides)).validate()
-        if self.max_epochs is not None and cfg.stage2_epochs is not None:
-            cfg = dataclasses.replace(cfg, stage2_epochs=min(cfg.stage2_epochs, self.max_epochs))
+        cfg = self.config_for(cand, overrides, part.seed)
         head = self._stage1_head(part)
         set_seed(part.seed)  # a fit never depends on what ran before it in the process (resumed = straight through)
         method = cls(cfg)
@@ -205,6 +202,15 @@ class Bench:
         extra: dict[str, Any] = {}  # what the method reports of its fit (e.g. the τ it chose)
         train_stage2(ctx, extra)  # the run's stage-2 step: the method's head, exported into ctx.model
         return ctx.model, summarize(ctx.eval_head(ctx.model.classifier, "val")), extra
+
+    def config_for(self, cand: Candidate, overrides: dict[str, Any], seed: int) -> RunConfig:
+        """The resolved run config a fit of the candidate with ``overrides`` trains with (epochs capped)."""
+        cls = get_method(cand.method)
+        cfg = cls.resolve(_merge(dataclasses.replace(self.base, method=cand.method, seed=seed), cand.fixed,
+                                 overrides)).validate()
+        if self.max_epochs is not None and cfg.stage2_epochs is not None:
+            cfg = dataclasses.replace(cfg, stage2_epochs=min(cfg.stage2_epochs, self.max_epochs))
+        return cfg
 
     def score(self, cand: Candidate, overrides: dict[str, Any]) -> list[float]:
         """Validation balanced accuracy of every cross-validation part (the selection score's sample)."""
@@ -585,8 +591,14 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     for label, t in tuned.items():  # every study is finished: now, and only now, the test split is read
         method_start = time.perf_counter()
         final = evaluate_final(bench, t["candidate"], t["overrides"], cc.seeds, bar)
-        default = evaluate_final(bench, t["candidate"], {}, cc.seeds, bar)
+        # the published recipe retrained only where tuning chose something else: a fit is deterministic, so the
+        # same config would give the same models (methods with nothing to tune, or whose recipe won its study)
+        same = bench.config_for(t["candidate"], t["overrides"], 0) == bench.config_for(t["candidate"], {}, 0)
+        default = final if same else evaluate_final(bench, t["candidate"], {}, cc.seeds, bar)
+        if same and bar is not None:
+            bar.update(cc.seeds)
         rows[label], models[label] = _row(t["candidate"], t, final, default), final["_model"]
+        rows[label]["recipe_is_tuned"] = same
         rows[label]["final_s"] = round(time.perf_counter() - method_start, 1)  # its retraining and test runs
     bar.close()
     reference = _pick(rows, baselines_only=True)

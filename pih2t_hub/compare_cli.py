@@ -80,17 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the Optuna storage", file=sys.stderr)
         return 130
-    except cli.USER_ERRORS as err:
-        if debug:
-            raise
-        print(f"error: {cli._one_line(err)}", file=sys.stderr)
-        return 2
     except Exception as err:  # noqa: BLE001 - one line by default; the traceback is one flag away
-        if debug:
-            raise
-        print(f"error: {type(err).__name__}: {cli._one_line(err)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        return cli.report_error(err, debug)
     print(format_report(report))
     print(f"report, plot and best model ({report['best']}) written to {base.output_dir}")
     return 0

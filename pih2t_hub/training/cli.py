@@ -25,8 +25,8 @@ from transformers import HfArgumentParser
 from .config import GROUPS, ConfigError, RunConfig
 from .interrupt import Terminated, terminate_like_ctrl_c
 
-__all__ = ["UsageError", "add_config_flags", "build_parser", "check_combinations", "resolve_config", "main",
-           "USER_ERRORS"]
+__all__ = ["UsageError", "add_config_flags", "build_parser", "check_combinations", "report_error", "resolve_config",
+           "main", "USER_ERRORS"]
 
 _UNSET = object()  # "flag not given" (None is a real value: `--max-per-class none`)
 _RENAMED = {"--epochs": "--stage1-epochs / --stage2-epochs", "--lr": "--stage1-lr / --stage2-lr"}
@@ -236,16 +236,19 @@ def main(argv: Sequence[str] | None = None, config_dir: Path | None = None,
         print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: rerun with --resume to continue from the "
               "newest checkpoint", file=sys.stderr)
         return 143 if terminated else 130
-    except USER_ERRORS as err:
-        if debug:
-            raise
+    except Exception as err:  # noqa: BLE001 - one line by default; the traceback is one flag away
+        return report_error(err, debug)
+    return 0
+
+
+def report_error(err: Exception, debug: bool) -> int:
+    """An error as one ``error:`` line on stderr and its exit code: 2 for the command line's or the machine's
+    (:data:`USER_ERRORS`), 1 for anything else (a bug: its type is named). ``--debug`` re-raises it instead."""
+    if debug:
+        raise err
+    if isinstance(err, USER_ERRORS):
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 - one line by default; the traceback is one flag away
-        if debug:
-            raise
-        print(f"error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
-    return 0
+    print(f"error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)", file=sys.stderr)
+    return 1
 
