@@ -653,10 +653,10 @@ DATA_BLOCK_WRAPPER = textwrap.dedent("""
     sys.path.insert(0, recipes)
     import finetune
     import pih2t_hub.training.run as run
-    def blocking_load_splits(cfg):
+    def blocking_load_data(cfg):
         marker.write_text(str(os.getpid()))
         time.sleep(300)
-    run.load_splits = blocking_load_splits
+    run.load_data = blocking_load_data  # the run's data step, looked up by name when the steps are walked
     sys.exit(finetune.main(argv))
 """)
 
