@@ -209,10 +209,21 @@ class LocalGitHubApi:
         return SimpleNamespace(oid=sha, commit_url=f"{self.server.endpoint}/{repo_id}/commit/{sha}")
 
 
+#: ``sitecustomize`` of every client process: peft is made unimportable. olah answers a file that a repository lacks
+#: with 401, where the Hub answers 404; transformers, when peft is importable, asks every repository for
+#: ``adapter_config.json`` and takes that 401 for a missing repository. Clients load without peft, as a user of an
+#: exported model may (the saved models need no peft).
+_CLIENT_SITE = "import sys\nsys.modules.setdefault('peft', None)\n"
+
+
 def hub_client_env(server: OlahServer, hf_home: str | os.PathLike[str]) -> dict[str, str]:
-    """Environment of a client process that talks to ``server`` as its Hub, with an empty cache."""
+    """Environment of a client process that talks to ``server`` as its Hub, with an empty cache (and no peft)."""
+    site = Path(hf_home).parent / "_hub_client_site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(_CLIENT_SITE)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
     env.update(
+        PYTHONPATH=os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p),
         HF_ENDPOINT=server.endpoint,
         HF_HOME=str(hf_home),
         HF_HUB_DISABLE_TELEMETRY="1",
