@@ -71,6 +71,11 @@ def render() -> str:
         lines += _table(cv, "selection")
         lines += ["", "The published recipe's selection score, % (the first trial of every study):", ""]
         lines += _table(cv, "recipe_selection")
+        lines += ["", "How well the selection score predicts test, per comparison: Spearman rank correlation between "
+                  "each method's selection score and its tuned test balanced accuracy (all rows), the methods "
+                  "whose tuned configuration ends more than 0.5 points below their own published recipe on test, "
+                  "and the methods that kept their recipe by the one-standard-error rule (schema 3 on):", ""]
+        lines += _selection_quality(cv)
     lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy % (— also where a setting has no such "
               "class: in A and B the rarest class has 60 and 600 images):", ""]
     lines += _table(reports, "few")
@@ -90,6 +95,47 @@ def render() -> str:
                      f"{missing} | {r['benchmark']['wall_time_s'] / 60:.1f} min "
                      f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) | {_minutes(r.get('tuning_time_s'))} |")
     return "\n".join(lines)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n, tied values sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var else float("nan")
+
+
+def _selection_quality(reports: list[tuple[str, int, dict]]) -> list[str]:
+    lines = ["| setting | Spearman (selection, test) | tuned > 0.5 below recipe on test | recipe kept |",
+             "|---|---|---|---|"]
+    for s, px, r in reports:
+        rows = r["methods"]
+        rho = spearman([row["selection"]["mean"] for row in rows.values()],
+                       [row["balanced"]["mean"] for row in rows.values()])
+        below = [f"`{k}` {100 * (row['balanced']['mean'] - row['default']['test']['balanced']['mean']):+.2f}"
+                 for k, row in rows.items()
+                 if row["balanced"]["mean"] < row["default"]["test"]["balanced"]["mean"] - 0.005]
+        kept = [k for k, row in rows.items() if row.get("recipe_kept")]
+        kept_text = f"{len(kept)} of {len(rows)}" if "recipe_kept" in next(iter(rows.values())) else "—"
+        lines.append(f"| {NAMES.get(s, s)}, {px} px | {rho:.2f} | {len(below)}: {', '.join(below) or '—'} | "
+                     f"{kept_text} |")
+    return lines
 
 
 def _minutes(seconds: float | None) -> str:

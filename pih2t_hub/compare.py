@@ -5,16 +5,22 @@ One feature cache, many methods, the same rules for all:
 1. the frozen backbone's train and validation features are extracted once;
 2. every method gets **the same tuning budget**: ``trials`` Optuna trials (TPE, seeded per trial) over the search
    space the method declares. A trial is scored by stratified K-fold cross-validation on the pooled train and
-   validation rows (:mod:`pih2t_hub.data.folds`; every image validates once per repeat): each fold trains its own
-   linear CE head (stage 1) on its training part, then the method, and is scored by balanced accuracy on its
-   validation part; the trial's score is the mean over folds x repeats, its spread is kept. The method's
-   published recipe is the first trial. A method without hyper-parameters (NCM, τ-norm) needs one trial.
-   ``--cv-folds 1`` scores on the validation split instead;
-3. only after every study has finished is the test split read: each method's best configuration, and its
+   validation rows (:mod:`pih2t_hub.data.folds`; every image validates once per repeat). Each fold repeats the
+   final run in miniature: its training part is split like the run's data (``val_fraction`` held out per class)
+   into rows that train (its own linear CE head in stage 1, then the method) and rows that make the in-fit
+   choices (best epoch, τ, DLSA's flow epochs); its validation part only scores, by balanced accuracy. Scoring on
+   the rows that chose the best epoch would reward configurations whose validation curve is noisy. The trial's
+   score is the mean over folds x repeats, its spread is kept. ``--cv-folds 1`` scores on the validation split
+   instead (which then also makes the in-fit choices);
+3. the method's published recipe is the first trial, and stays the method's configuration unless the best trial
+   beats it by more than ``--recipe-se`` standard errors of their paired per-part differences (a one-standard-
+   error rule: with a few-shot tail, the best of many trials is partly the luckiest). A method without
+   hyper-parameters (NCM, τ-norm) needs one trial;
+4. only after every study has finished is the test split read: each method's best configuration, and its
    published recipe untuned, are retrained for every seed exactly as ``recipes/finetune.py`` trains them (linear
    stage 1 on the train split, in-fit choices such as the best epoch on the validation split) and evaluated on
    test once per (method, seed);
-4. "X + H2T" and "X + PI-H2T" take the best loss X (chosen on the selection score) with X's tuned loss arguments
+5. "X + H2T" and "X + PI-H2T" take the best loss X (chosen on the selection score) with X's tuned loss arguments
    fixed and get the same budget over the fusion method's own space.
 
 Studies live in an Optuna RDB storage (SQLite in the output folder by default, any URL with ``--storage``), so an
@@ -42,7 +48,7 @@ from .methods import fusion_methods, get_method, list_methods
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
 
-SCHEMA = "pih2t_hub.compare/2"
+SCHEMA = "pih2t_hub.compare/3"
 
 
 @dataclass(frozen=True)
@@ -94,11 +100,12 @@ def _open_storage(url: str) -> Any:
 
 @dataclass
 class Part:
-    """Rows one fit trains and validates on, and the stage-1 head it starts from: a cross-validation fold, or the
-    train / validation split itself (the final retraining, ``--cv-folds 1``)."""
+    """Rows one fit trains on, makes its in-fit choices on and is scored on, and the stage-1 head it starts from:
+    a cross-validation fold (``score`` its validation part), or the train / validation split itself (the final
+    retraining, scored on test; ``--cv-folds 1``, scored on the validation split)."""
 
     seed: int
-    features: dict[str, Any]  # "train" and "val" feature datasets
+    features: dict[str, Any]  # "train", "val" (in-fit choices) and, for a fold, "score" feature datasets
     counts: np.ndarray  # training images per class of this part (what the method's priors see)
     head: torch.nn.Module | None = None  # its stage-1 head, trained on first use
 
@@ -133,13 +140,16 @@ class Bench:
     def _cv_parts(self, k: int, repeats: int) -> list[Part]:
         """One part per (repeat, fold) of the pooled rows; ``k == 1``: the validation split, one seed per repeat.
 
-        A class whose every pooled image validates in one fold (a single image) has no training image there: its
-        count is taken as 1 so that count-based priors (logit adjustment, balanced softmax, class-balanced weights)
-        stay finite; its validation image is scored like any other.
+        A fold's training part is split as the run splits its data (:func:`~pih2t_hub.data.splits.stratified_split`
+        with ``val_fraction``, seeded per fold): most rows train, the held-out ones make the in-fit choices, and the
+        fold's validation part is only scored. A class whose every pooled image validates in one fold (a single
+        image) has no training image there: its count is taken as 1 so that count-based priors (logit adjustment,
+        balanced softmax, class-balanced weights) stay finite; its validation image is scored like any other.
         """
         from torch.utils.data import TensorDataset
 
         from .data.folds import cv_folds
+        from .data.splits import stratified_split
 
         if k == 1:
             return [self.final.get(r) or self._split_part(r) for r in range(repeats)]
@@ -148,10 +158,12 @@ class Bench:
         n = self.data["num_classes"]
         parts = []
         for fold in cv_folds(y.numpy(), k, repeats, seed=self.base.seed):
-            train, val = torch.as_tensor(fold.train), torch.as_tensor(fold.val)
-            counts = np.maximum(np.bincount(y[train].numpy(), minlength=n), 1)
-            parts.append(Part(fold.repeat, {"train": TensorDataset(x[train], y[train]),
-                                            "val": TensorDataset(x[val], y[val])}, counts))
+            seed = int(np.random.SeedSequence([self.base.seed, fold.repeat, fold.fold]).generate_state(1)[0])
+            keep, held = stratified_split(y[fold.train].numpy(), self.base.val_fraction, seed=seed)
+            rows = {"train": fold.train[keep], "val": fold.train[held], "score": fold.val}
+            rows_t = {name: torch.as_tensor(r) for name, r in rows.items()}
+            counts = np.maximum(np.bincount(y[rows_t["train"]].numpy(), minlength=n), 1)
+            parts.append(Part(fold.repeat, {name: TensorDataset(x[r], y[r]) for name, r in rows_t.items()}, counts))
         return parts
 
     def _context(self, cfg: RunConfig, method: Any, part: Part, model: Any) -> Any:
@@ -185,8 +197,8 @@ class Bench:
         return part.head
 
     def fit(self, cand: Candidate, overrides: dict[str, Any], part: Part) -> tuple[Any, dict[str, float], dict]:
-        """Train the candidate with ``overrides`` on the part's training rows from its stage-1 head; the part's
-        validation metrics only."""
+        """Train the candidate with ``overrides`` on the part's training rows from its stage-1 head; the metrics of
+        the part's scored rows (a fold's validation part; the validation split of a train / validation part)."""
         from accelerate.utils import set_seed
 
         from .training.run import train_stage2
@@ -201,7 +213,8 @@ class Bench:
         ctx = self._context(cfg, method, part, model)
         extra: dict[str, Any] = {}  # what the method reports of its fit (e.g. the τ it chose)
         train_stage2(ctx, extra)  # the run's stage-2 step: the method's head, exported into ctx.model
-        return ctx.model, summarize(ctx.eval_head(ctx.model.classifier, "val")), extra
+        scored = "score" if "score" in part.features else "val"
+        return ctx.model, summarize(ctx.eval_head(ctx.model.classifier, scored)), extra
 
     def config_for(self, cand: Candidate, overrides: dict[str, Any], seed: int) -> RunConfig:
         """The resolved run config a fit of the candidate with ``overrides`` trains with (epochs capped)."""
@@ -213,7 +226,7 @@ class Bench:
         return cfg
 
     def score(self, cand: Candidate, overrides: dict[str, Any]) -> list[float]:
-        """Validation balanced accuracy of every cross-validation part (the selection score's sample)."""
+        """Balanced accuracy on the scored rows of every cross-validation part (the selection score's sample)."""
         return [self.fit(cand, overrides, part)[1]["balanced"] for part in self.folds]
 
     def test_metrics(self, model: Any) -> dict[str, Any]:
@@ -327,7 +340,8 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
     """Run the candidate's study up to the budget (resuming a stored one); its best trial's overrides and score.
 
     A trial's score is the mean balanced accuracy over the cross-validation parts; the per-part values and their
-    spread are kept with the trial.
+    spread are kept with the trial. The recipe is kept unless the best trial's paired gain over it exceeds
+    ``cc.recipe_se`` standard errors (``recipe_kept``; the best trial's own score is reported beside it).
     """
     import optuna
 
@@ -354,12 +368,30 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
         # workers sharing the storage spend one budget between them: each stops once the study holds it
         enough = optuna.study.MaxTrialsCallback(budget, states=(optuna.trial.TrialState.COMPLETE,))
         study.optimize(objective, n_trials=remaining, callbacks=[enough, progress])
-    best = _best_within_budget(study, budget)
+    top = _best_within_budget(study, budget)
     recipe = _recipe_trial(study)
+    gain = _paired_gain(top, recipe) if recipe is not None and top.number != recipe.number else None
+    keep = gain is not None and not gain["mean"] > cc.recipe_se * gain["se"]
+    best = recipe if keep else top
     overrides = cls.search_space(optuna.trial.FixedTrial(best.params))
     return {"overrides": overrides, "params": best.params, "best_val": best.value, "budget": budget,
             "selection": _spread(best), "recipe_selection": _spread(recipe) if recipe is not None else None,
+            "best_trial_selection": _spread(top), "gain_over_recipe": gain, "recipe_kept": keep,
             "resumed_trials": len(done), "trial_seconds": _trial_seconds(study)}
+
+
+def _paired_gain(trial: Any, recipe: Any) -> dict[str, float] | None:
+    """Mean and standard error of a trial's per-part score differences to the recipe's (the same parts, paired).
+
+    None when there is a single part (``--cv-folds 1 --cv-repeats 1``): no spread to judge a gain by, so the best
+    trial is taken as it is.
+    """
+    ours, theirs = trial.user_attrs.get("scores", [trial.value]), recipe.user_attrs.get("scores", [recipe.value])
+    if len(ours) < 2 or len(ours) != len(theirs):
+        return None
+    diffs = [a - b for a, b in zip(ours, theirs)]
+    return {"mean": float(np.mean(diffs)), "se": float(statistics.stdev(diffs) / math.sqrt(len(diffs))),
+            "parts": len(diffs)}
 
 
 def _recipe_trial(study: Any) -> Any:
@@ -475,13 +507,16 @@ def format_report(report: dict[str, Any]) -> str:
     rows = sorted(report["methods"].items(), key=lambda kv: -kv[1]["balanced"]["mean"])
     for label, row in rows:
         paired, mark = row["paired_vs_best_baseline"], " **chosen**" if label == report["best"] else ""
+        mark += " (recipe kept)" if row.get("recipe_kept") else ""
         lines.append(f"| `{label}`{mark} | {row['trials']} | {cell(row['selection'])} | "
                      f"{cell(row['recipe_selection'])} | "
                      + " | ".join(cell(row["tuned"]["test"][k]) for k in SUMMARY_KEYS)
                      + f" | {cell(row['default']['test']['balanced'])} | {100 * paired['mean']:+.2f} ({paired['signs']}) |")
     setting = report["setting"]
     lines += ["", f"`{report['best']}` is chosen on the selection score: {setting['selection']} (mean ± std "
-              f"over its parts), never on test. Test columns: mean ± std over {setting['seeds']} seeds; Δ: paired "
+              f"over its parts), never on test; (recipe kept): no trial beat the published recipe by more than "
+              f"{setting.get('recipe_se', 0):g} standard errors. Test columns: mean ± std over {setting['seeds']} "
+              f"seeds; Δ: paired "
               f"per-seed test balanced-accuracy difference to the best baseline `{report['best_baseline']}`."]
     return "\n".join(lines)
 
@@ -491,7 +526,9 @@ def _row(cand: Candidate, tuned: dict[str, Any], final: dict[str, Any], default:
     test = final["test"]
     return {"method": cand.method, "fixed": cand.fixed, "params": tuned["overrides"], "trials": tuned["budget"],
             "tuning_s": tuned["trial_seconds"], "selection": tuned["selection"],
-            "recipe_selection": tuned["recipe_selection"], "balanced": test["balanced"], "few": test["few"],
+            "recipe_selection": tuned["recipe_selection"], "best_trial_selection": tuned["best_trial_selection"],
+            "gain_over_recipe": tuned["gain_over_recipe"], "recipe_kept": tuned["recipe_kept"],
+            "balanced": test["balanced"], "few": test["few"],
             "many": test["many"], "tuned": clean(final), "default": clean(default)}
 
 
@@ -617,7 +654,8 @@ def _setting(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:
     keys = ("dataset", "backbone", "imbalance_ratio", "profile", "max_per_class", "test_per_class", "val_fraction",
             "image_size", "seed", "stage1_epochs", "stage1_lr", "head_type")
     return {**{k: getattr(base, k) for k in keys}, "trials": cc.trials, "seeds": cc.seeds, "max_epochs": cc.max_epochs,
-            "cv_folds": cc.cv_folds, "cv_repeats": cc.cv_repeats, "sampler": "optuna TPE, seeded per trial",
+            "cv_folds": cc.cv_folds, "cv_repeats": cc.cv_repeats, "recipe_se": cc.recipe_se,
+            "sampler": "optuna TPE, seeded per trial",
             "sampler_seed": cc.sampler_seed, "selection": cc.selection}
 
 

@@ -39,6 +39,9 @@ class CompareConfig:
     cv_folds: int = _f(5, "folds of the stratified cross-validation that scores every trial on the pooled train "
                           "and validation rows (>= 2); 1: train on the train split, score on the validation split")
     cv_repeats: int = _f(1, "repeats of the cross-validation, each with its own deal of the rows into folds (>= 1)")
+    recipe_se: float = _f(1.0, "the best trial replaces the published recipe only if its paired gain over it "
+                               "across the cross-validation parts exceeds this many standard errors (>= 0; 0: the "
+                               "best trial whenever it scores higher)")
     storage: str | None = _f(None, "Optuna RDB URL shared by several machines; none: "
                                    "sqlite:///<output-dir>/study.db")
     combos: bool = _f(True, 'add "X + H2T" and "X + PI-H2T" for the best loss X')
@@ -58,6 +61,8 @@ class CompareConfig:
         if self.cv_folds < 1:
             raise ValueError(f"--cv-folds must be >= 2 (cross-validation) or 1 (the single validation split), "
                              f"got {self.cv_folds}")
+        if not (isinstance(self.recipe_se, (int, float)) and 0 <= self.recipe_se < float("inf")):
+            raise ValueError(f"--recipe-se must be a number >= 0, got {self.recipe_se:g}")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ValueError(f"--max-epochs must be >= 1, got {self.max_epochs}")
         return self
@@ -68,4 +73,6 @@ class CompareConfig:
         if self.cv_folds == 1:
             return "balanced accuracy on the validation split"
         repeats = f", {self.cv_repeats} repeats" if self.cv_repeats > 1 else ""
-        return f"mean balanced accuracy of stratified {self.cv_folds}-fold cross-validation{repeats}"
+        rule = (f"; the published recipe kept unless a trial beats it by more than {self.recipe_se:g} standard "
+                f"errors" if self.recipe_se > 0 else "")
+        return f"mean balanced accuracy of stratified {self.cv_folds}-fold cross-validation{repeats}{rule}"

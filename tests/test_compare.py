@@ -200,6 +200,8 @@ def test_sigkill_resumes_without_repeating_finished_trials(tmp_path: Path) -> No
     (["--cv-folds", "0"], "--cv-folds must be >= 2"),
     (["--cv-folds", "-3"], "--cv-folds must be >= 2"),
     (["--cv-repeats", "0"], "--cv-repeats must be >= 1"),
+    (["--recipe-se", "-1"], "--recipe-se must be a number >= 0, got -1"),
+    (["--recipe-se", "nan"], "--recipe-se must be a number >= 0, got nan"),
     (["--dataset", "./no/such/folder"], "dataset path './no/such/folder' does not exist"),
     (["--backbone", "no_such_backbone_xyz"], "unknown backbone 'no_such_backbone_xyz'"),
     (["--dataset", "digits", "--max-per-class", "60", "--backbone", "test_resnet", "--no-pretrained", "--cv-folds",
@@ -268,7 +270,7 @@ def test_selection_score_is_the_mean_over_parts_with_its_spread(tmp_path: Path) 
 
     optuna = pytest.importorskip("optuna")
     url = f"sqlite:///{tmp_path / 's.db'}"
-    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=3, seeds=1, cv_folds=4)
+    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=3, seeds=1, cv_folds=4, recipe_se=0.0)
     parts = {1: [0.5, 0.7, 0.6, 0.4], 2: [0.9, 0.1, 0.8, 0.6], 3: [0.55, 0.65, 0.6, 0.52]}  # means .55 .6 .58
     out = cmp.tune(_ScoreBench(parts.__getitem__), cmp.Candidate("logit_adjusted", "logit_adjusted"), cc,
                    cmp._open_storage(url))
@@ -278,6 +280,26 @@ def test_selection_score_is_the_mean_over_parts_with_its_spread(tmp_path: Path) 
     assert out["recipe_selection"]["std"] == pytest.approx(statistics.stdev(parts[1]))
     first = optuna.load_study(study_name="logit_adjusted", storage=url).trials[0]
     assert first.params["tau"] == 1.0 and first.user_attrs["scores"] == parts[1]
+
+
+@pytest.mark.parametrize("k, kept", [(0.0, False), (1.0, False), (2.5, True)])
+def test_recipe_is_kept_unless_the_best_trial_beats_it_by_k_standard_errors(k: float, kept: bool,
+                                                                           tmp_path: Path) -> None:
+    import math
+    import statistics
+
+    pytest.importorskip("optuna")
+    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=3, seeds=1, cv_folds=4, recipe_se=k)
+    parts = {1: [0.60, 0.50, 0.70, 0.40], 2: [0.68, 0.52, 0.70, 0.46], 3: [0.1, 0.1, 0.1, 0.1]}
+    diffs = [a - b for a, b in zip(parts[2], parts[1])]  # the best trial against the recipe, part by part
+    mean, se = sum(diffs) / 4, statistics.stdev(diffs) / math.sqrt(4)  # 0.04 and 0.0183: 2.19 standard errors
+    out = cmp.tune(_ScoreBench(parts.__getitem__), cmp.Candidate("logit_adjusted", "logit_adjusted"), cc,
+                   cmp._open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    assert out["gain_over_recipe"] == pytest.approx({"mean": mean, "se": se, "parts": 4})
+    assert out["recipe_kept"] is kept
+    assert out["selection"]["mean"] == pytest.approx(sum(parts[1 if kept else 2]) / 4)
+    assert out["best_trial_selection"]["mean"] == pytest.approx(sum(parts[2]) / 4)
+    assert (out["params"]["tau"] == 1.0) is kept  # the recipe's τ, or the trial's draw
 
 
 def test_bench_folds_partition_the_pooled_rows(tmp_path: Path) -> None:
@@ -292,16 +314,33 @@ def test_bench_folds_partition_the_pooled_rows(tmp_path: Path) -> None:
     assert len(bench.folds) == 6
     for r in (0, 1):
         mine = [p for p in bench.folds if p.seed == r]
-        assert key(torch.cat([p.features["val"].tensors[0] for p in mine])) == key(pooled_x)  # each row once
+        assert key(torch.cat([p.features["score"].tensors[0] for p in mine])) == key(pooled_x)  # each once
         for p in mine:
-            tr, va = p.features["train"].tensors, p.features["val"].tensors
-            assert key(torch.cat([tr[0], va[0]])) == key(pooled_x)
+            tr, va, sc = (p.features[name].tensors for name in ("train", "val", "score"))
+            assert key(torch.cat([tr[0], va[0], sc[0]])) == key(pooled_x)  # train, in-fit choices, scored: disjoint
             counts = torch.bincount(tr[1], minlength=bench.data["num_classes"]).numpy()
             assert (p.counts == counts).all()  # the method's priors see the fold's own training counts
             n = torch.bincount(pooled_y, minlength=len(counts))
-            held = torch.bincount(va[1], minlength=len(counts))
-            assert ((held == n // 3) | (held == -(-n // 3))).all()  # stratified: floor or ceil of n_c / K
+            scored = torch.bincount(sc[1], minlength=len(counts))
+            assert ((scored == n // 3) | (scored == -(-n // 3))).all()  # stratified: floor or ceil of n_c / K
+            fold_train = (n - scored).tolist()  # held out for in-fit choices as the run holds out its validation
+            expect = [0 if m < 2 else min(max(1, round(base.val_fraction * m)), m - 1) for m in fold_train]
+            assert torch.bincount(va[1], minlength=len(counts)).tolist() == expect
     assert "test" not in feats  # building the folds never read the test split
+
+
+def test_a_fold_is_scored_on_its_validation_part_not_on_the_rows_that_chose_its_epoch(tmp_path: Path) -> None:
+    import torch
+
+    base = RunConfig(**DATA, output_dir=str(tmp_path / "b")).validate()
+    bench = cmp.Bench(base, seeds=1, progress=False, cv_folds=3)
+    part = bench.folds[1]
+    model, metrics, _ = bench.fit(cmp.Candidate("ce", "ce"), {"stage2_epochs": 3}, part)
+    x, y = part.features["score"].tensors
+    with torch.no_grad():
+        pred = model.classifier(x.float()).argmax(1)
+    recalls = [(pred[y == c] == c).float().mean().item() for c in torch.unique(y)]
+    assert metrics["balanced"] == pytest.approx(sum(recalls) / len(recalls))
 
 
 def _argv(out: Path, *extra: str) -> list[str]:

@@ -69,6 +69,20 @@ def test_readme_results_tables_are_generated_from_the_committed_json():
     assert module.main(["--check"]) == 0, "run `python benchmarks/render_results.py` after a benchmark"
 
 
+def test_selection_quality_uses_spearmans_rank_correlation():
+    """The README's selection-quality column is Spearman's rho, ties averaged (as scipy computes it)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    import random
+
+    spearman = load_script("benchmarks/render_results.py").spearman
+    rng = random.Random(0)
+    for _ in range(20):
+        x = [rng.choice([0.7, 0.75, 0.8, 0.85]) for _ in range(15)]
+        y = [rng.random() for _ in range(15)]
+        assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+
+
 def test_readme_create_model_calls_say_whether_the_weights_are_pretrained():
     """``create_model`` follows timm (``pretrained=False`` by default) while the CLI defaults to pretrained weights:
     every README call on a backbone that has pretrained weights says which it gives, in code or in its comment."""
