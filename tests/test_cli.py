@@ -323,6 +323,9 @@ def test_stage2_alone_starts_from_a_saved_stage1_model(tmp_path: Path) -> None:
     backbone_keys = [k for k in w1 if not k.startswith("classifier.")]
     assert backbone_keys and all(torch.equal(w1[k], w2[k]) for k in backbone_keys)  # frozen in stage 2
     assert any(not torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("classifier."))  # the head moved
+    recorded = (s2 / "run_config.yaml").read_text()  # the saved model's backbone, not the config's default one
+    assert "backbone: test_resnet" in recorded and "effnet" not in recorded
+    assert "effnet" not in (s2 / "model" / "README.md").read_text()
 
 
 def test_init_from_with_a_different_class_count_is_refused(tmp_path: Path) -> None:

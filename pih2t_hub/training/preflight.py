@@ -111,4 +111,16 @@ def preflight(cfg: RunConfig) -> RunConfig:
     _check_peft(cfg)
     _check_hub(cfg)
     _check_backbone(cfg)  # last: when the Hub is online but the weights are not cached, it asks the Hub (< 4 s)
-    return cfg
+    return _with_saved_backbone(cfg)
+
+
+def _with_saved_backbone(cfg: RunConfig) -> RunConfig:
+    """A run that starts from a saved model folder records that model's backbone (config, card, results), not
+    the config's default one, which it never loads; a Hub id is recorded as given."""
+    import dataclasses
+    import json
+
+    if cfg.init_from is None or not (Path(cfg.init_from).expanduser() / "config.json").is_file():
+        return cfg
+    saved = json.loads((Path(cfg.init_from).expanduser() / "config.json").read_text()).get("backbone")
+    return dataclasses.replace(cfg, backbone=saved) if isinstance(saved, str) and saved else cfg
