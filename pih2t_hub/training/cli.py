@@ -178,6 +178,7 @@ def check_combinations(cfg: RunConfig, given: set[str]) -> list[str]:
         if extra:
             raise UsageError(f"{', '.join(map(_flag, extra))} does nothing with --stage 1 (stage 2 does not run); "
                              "drop it, or use --stage both")
+    _check_stage2_head(cfg, given)
     if "resume_strict" in given and cfg.resume_strict and not cfg.resume:
         raise UsageError("--resume-strict does nothing without --resume; add --resume, or drop it")
     finetune = cfg.stage1_mode == "finetune" and cfg.stage in ("1", "both")
@@ -192,6 +193,24 @@ def check_combinations(cfg: RunConfig, given: set[str]) -> list[str]:
         return ["--stage 2 without --init-from trains stage 2 on a classifier head that stage 1 never trained "
                 "(pass --init-from <a stage-1 run>/model, or use --stage both)"]
     return []
+
+
+#: Stage-2 optimiser flags: meaningless for a method that trains no stage-2 head.
+_STAGE2_TRAINING = ("stage2_epochs", "stage2_lr", "stage2_batch_size", "stage2_weight_decay")
+
+
+def _check_stage2_head(cfg: RunConfig, given: set[str]) -> None:
+    """``--stage2-lr`` and the like with a method whose stage 2 is a post-hoc step (τ-norm, NCM, post-hoc logit
+    adjustment, DLSA): refused, since the run would silently train nothing with them. Imports the method (and
+    torch) only when such a flag was given."""
+    extra = [n for n in _STAGE2_TRAINING if n in given]
+    if not extra or cfg.stage == "1":
+        return
+    from ..methods import get_method
+
+    if get_method(cfg.method).recipe is None:
+        raise UsageError(f"{', '.join(map(_flag, extra))} does nothing with --method {cfg.method} (its stage 2 "
+                         "trains no head: it is a post-hoc step on the stage-1 model); drop it")
 
 
 def _one_line(err: BaseException) -> str:
