@@ -13,9 +13,10 @@ One feature cache, many methods, the same rules for all:
    score is the mean over folds x repeats, its spread is kept. ``--cv-folds 1`` scores on the validation split
    instead (which then also makes the in-fit choices);
 3. the method's published recipe is the first trial, and stays the method's configuration unless the best trial
-   beats it by more than ``--recipe-se`` standard errors of their paired per-part differences (a one-standard-
-   error rule: with a few-shot tail, the best of many trials is partly the luckiest). A method without
-   hyper-parameters (NCM, τ-norm) needs one trial;
+   beats it by more than ``--recipe-se`` (default 2) standard errors of their paired per-part differences: with a
+   few-shot tail the best of many trials is partly the luckiest (the expected maximum of 15 standard normal draws
+   is 1.7), so a smaller gain is what chance alone gives the winner. A method without hyper-parameters (NCM,
+   τ-norm) needs one trial;
 4. only after every study has finished is the test split read: each method's best configuration, and its
    published recipe untuned, are retrained for every seed exactly as ``recipes/finetune.py`` trains them (linear
    stage 1 on the train split, in-fit choices such as the best epoch on the validation split) and evaluated on

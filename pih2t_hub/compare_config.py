@@ -39,7 +39,7 @@ class CompareConfig:
     cv_folds: int = _f(5, "folds of the stratified cross-validation that scores every trial on the pooled train "
                           "and validation rows (>= 2); 1: train on the train split, score on the validation split")
     cv_repeats: int = _f(1, "repeats of the cross-validation, each with its own deal of the rows into folds (>= 1)")
-    recipe_se: float = _f(1.0, "the best trial replaces the published recipe only if its paired gain over it "
+    recipe_se: float = _f(2.0, "the best trial replaces the published recipe only if its paired gain over it "
                                "across the cross-validation parts exceeds this many standard errors (>= 0; 0: the "
                                "best trial whenever it scores higher)")
     storage: str | None = _f(None, "Optuna RDB URL shared by several machines; none: "
