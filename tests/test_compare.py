@@ -121,7 +121,7 @@ def test_equal_budget_and_published_recipe_as_first_trial(two_runs) -> None:
 def test_report_schema_table_plot_and_best_model(two_runs) -> None:
     out, report = two_runs[0][0]
     saved = json.loads((out / "comparison.json").read_text())
-    assert saved["schema"] == "pih2t_hub.compare/2" and saved["best"] in saved["methods"]
+    assert saved["schema"] == "pih2t_hub.compare/3" and saved["best"] in saved["methods"]
     for row in saved["methods"].values():
         for key in ("balanced", "few"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] >= 0.0
