@@ -88,17 +88,21 @@ def render() -> str:
               "Optuna trials from storage, so a resumed run's wall time excludes them. Tuning time is the sum of "
               "every trial's duration from the storage's timestamps (all runs; recorded since `tuning_time_s` was "
               "added to the schema, \"—\" before).", "",
-              "| setting | trials per method | seeds | best baseline (validation) | not run | wall time | "
-              "tuning time |",
-              "|---|---|---|---|---|---|---|"]
+              "| setting | selection | trials per method | seeds | best baseline (selection) | not run | wall time | "
+              "tuning time | final retraining |",
+              "|---|---|---|---|---|---|---|---|---|"]
     every = {m for *_, r in reports for m in r["methods"]}
     for s, px, r in reports:
         st = r["setting"]
         # combinations are "X + fusion" for each setting's own best X, so only single methods can be missing
         missing = ", ".join(f"`{m}`" for m in sorted(every - set(r["methods"])) if "+" not in m) or "—"
-        lines.append(f"| {NAMES.get(s, s)}, {px} px | {st['trials']} | {st['seeds']} | `{r['best_baseline']}` | "
-                     f"{missing} | {r['benchmark']['wall_time_s'] / 60:.1f} min "
-                     f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) | {_minutes(r.get('tuning_time_s'))} |")
+        folds = st.get("cv_folds", 1)
+        rule = f", recipe rule {st['recipe_se']:g} SE" if st.get("recipe_se") else ""
+        how = f"{folds}-fold CV{rule}" if folds > 1 else "validation split"
+        lines.append(f"| {NAMES.get(s, s)}, {px} px | {how} | {st['trials']} | {st['seeds']} | "
+                     f"`{r['best_baseline']}` | {missing} | {r['benchmark']['wall_time_s'] / 60:.1f} min "
+                     f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) | {_minutes(r.get('tuning_time_s'))} | "
+                     f"{_minutes(r.get('final_time_s'))} |")
     return "\n".join(lines)
 
 
@@ -189,10 +193,11 @@ def render_pih2t() -> str:
     reports = [(s, px, r) for s, px, r in _reports() if "pi-h2t" in r["methods"] and "h2t" in r["methods"]]
     if not reports:
         return "No comparison with both PI-H2T and H2T is committed yet."
-    lines = ["Test balanced accuracy, % (mean ± std over seeds). *Tuned*: the configuration chosen on validation with "
-             "the same budget; *default*: the published recipe (H2T p = 0.25; PI-H2T's default distance). "
-             "X: the loss method with the best validation score, combined as `pi-h2t+X`; the best baseline is the "
-             "comparison's validation pick among the methods without head-to-tail fusion.",
+    lines = ["Test balanced accuracy, % (mean ± std over seeds). *Tuned*: the configuration the comparison chose on "
+             "its selection score (cross-validation, or the validation split for schema 1) with the same budget; "
+             "*default*: the published recipe (H2T p = 0.25; PI-H2T's default distance). X: the loss method with "
+             "the best selection score, combined as `pi-h2t+X`; the best baseline is the comparison's pick on the "
+             "selection score among the methods without head-to-tail fusion.",
              "",
              "| setting | PI-H2T tuned (no hand-set ratio) | H2T tuned p | gap / H2T's std | PI-H2T default | "
              "H2T p = 0.25 | `pi-h2t+X` − X: balanced, many | `pi-h2t+X` − best baseline: balanced, many |",
