@@ -74,7 +74,7 @@ def render() -> str:
         lines += ["", "How well the selection score predicts test, per comparison: Spearman rank correlation between "
                   "each method's selection score and its tuned test balanced accuracy (all rows), the methods "
                   "whose tuned configuration ends more than 0.5 points below their own published recipe on test, "
-                  "and the methods that kept their recipe by the one-standard-error rule (schema 3 on):", ""]
+                  "and the methods that kept their recipe by the recipe rule (schema 3 on):", ""]
         ablation = [(f"{NAMES.get(s, s)}, {px} px, `--recipe-se {r['setting']['recipe_se']:g}`", r)
                     for s, px, r in _reports(RESULTS / "recipe_rule")]
         lines += _selection_quality([(f"{NAMES.get(s, s)}, {px} px", r) for s, px, r in cv] + ablation)
@@ -106,37 +106,17 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks 1..n, tied values sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks."""
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var else float("nan")
-
-
 def _selection_quality(reports: list[tuple[str, dict]]) -> list[str]:
+    """Per comparison: Spearman's rank correlation of selection score and tuned test balanced accuracy, the rows
+    whose tuned configuration ends more than 0.5 points below their recipe on test, the rows that kept their recipe."""
+    from scipy.stats import spearmanr
+
     lines = ["| setting | Spearman (selection, test) | tuned > 0.5 below recipe on test | recipe kept |",
              "|---|---|---|---|"]
     for name, r in reports:
         rows = r["methods"]
-        rho = spearman([row["selection"]["mean"] for row in rows.values()],
-                       [row["balanced"]["mean"] for row in rows.values()])
+        rho = spearmanr([row["selection"]["mean"] for row in rows.values()],
+                        [row["balanced"]["mean"] for row in rows.values()]).statistic
         below = [f"`{k}` {100 * (row['balanced']['mean'] - row['default']['test']['balanced']['mean']):+.2f}"
                  for k, row in rows.items()
                  if row["balanced"]["mean"] < row["default"]["test"]["balanced"]["mean"] - 0.005]
@@ -145,6 +125,12 @@ def _selection_quality(reports: list[tuple[str, dict]]) -> list[str]:
         lines.append(f"| {name} | {rho:.2f} | {len(below)}: {', '.join(below) or '—'} | "
                      f"{kept_text} |")
     return lines
+
+
+def _committed(name: str) -> dict | None:
+    """A committed result file of ``benchmarks/results/``, or None when it has not been committed yet."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _minutes(seconds: float | None) -> str:
@@ -159,10 +145,9 @@ def _setting_name(key: str) -> str:
 
 def render_distance() -> str:
     """The H2TF distance study: validation scores per setting, mean rank, the spread of ρ, and the choice."""
-    path = RESULTS / "h2tf_distance.json"
-    if not path.is_file():
+    r = _committed("h2tf_distance.json")
+    if r is None:
         return "The H2TF distance study has not been run yet (`python benchmarks/h2tf_distance.py`)."
-    r = json.loads(path.read_text())
     keys = list(r["settings"])
     lines = ["Validation balanced accuracy, % (mean ± std over seeds; PI-H2T's stage-2 recipe, only the distance and "
              "mapping varied; the test split is not read). ρ: the keep ratio over the training rows of the first "
@@ -241,10 +226,9 @@ PIF_ROWS = (  # (summary key, label, shown in %: fractions as points with 2 deci
 
 def render_pif() -> str:
     """The PIF stage-1 study (``pif_study.json``): both variants as mean ± std, and the paired per-seed signs."""
-    path = RESULTS / "pif_study.json"
-    if not path.exists():
+    r = _committed("pif_study.json")
+    if r is None:
         return "The PIF study is not committed yet (`benchmarks/pif_study.py`)."
-    r = json.loads(path.read_text())
     st, summ = r["setting"], r["summary"]
     seeds = sorted({run["seed"] for run in r["runs"]})
     lines = [f"effnet_lite0 fine-tuned end to end for {st['stage1_epochs']} epochs at {st['image_size']} px on "
@@ -304,10 +288,9 @@ def _peft_gaps(runs: list[dict], arm: str) -> str:
 
 def render_peft() -> str:
     """Stage-1 retrofits, each followed by the same stage 2 (``peft_longtail.json``): mean ± std over seeds."""
-    path = RESULTS / "peft_longtail.json"
-    if not path.exists():
+    r = _committed("peft_longtail.json")
+    if r is None:
         return "The lightweight fine-tuning benchmark is not committed yet (`benchmarks/peft_longtail.py`)."
-    r = json.loads(path.read_text())
     st, summ = r["setup"], r["summary"]
     seeds = sorted({run["seed"] for run in r["runs"]})
     lines = [f"{st['backbone']} at {st['image_size']} px on {st['setting']} (IR {st['imbalance_ratio']:g}, n_max "

@@ -69,18 +69,21 @@ def test_readme_results_tables_are_generated_from_the_committed_json():
     assert module.main(["--check"]) == 0, "run `python benchmarks/render_results.py` after a benchmark"
 
 
-def test_selection_quality_uses_spearmans_rank_correlation():
-    """The README's selection-quality column is Spearman's rho, ties averaged (as scipy computes it)."""
-    scipy_stats = pytest.importorskip("scipy.stats")
-    import random
+def test_selection_quality_row_ranks_selection_against_test():
+    """The README's selection-quality row: Spearman's rho of selection score vs tuned test (ties averaged), the rows
+    more than 0.5 points below their recipe on test, and how many kept their recipe."""
+    pytest.importorskip("scipy")
+    quality = load_script("benchmarks/render_results.py")._selection_quality
 
-    spearman = load_script("benchmarks/render_results.py").spearman
-    rng = random.Random(0)
-    for _ in range(20):
-        x = [rng.choice([0.7, 0.75, 0.8, 0.85]) for _ in range(15)]
-        y = [rng.random() for _ in range(15)]
-        assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    def row(selection: float, test: float, recipe_test: float, kept: bool) -> dict:
+        return {"selection": {"mean": selection}, "balanced": {"mean": test}, "recipe_kept": kept,
+                "default": {"test": {"balanced": {"mean": recipe_test}}}}
+
+    # selection ranks a, b, c, d; test ranks a, c, b, d: d = (0, 1, 1, 0), rho = 1 - 6 * 2 / (4 * 15) = 0.8
+    report = {"methods": {"a": row(0.90, 0.80, 0.80, True), "b": row(0.85, 0.70, 0.71, False),
+                          "c": row(0.80, 0.75, 0.752, False), "d": row(0.70, 0.60, 0.70, False)}}
+    line = quality([("X", report)])[2]
+    assert line == "| X | 0.80 | 2: `b` -1.00, `d` -10.00 | 1 of 4 |"
 
 
 def test_readme_create_model_calls_say_whether_the_weights_are_pretrained():
