@@ -162,9 +162,8 @@ class Bench:
             seed = int(np.random.SeedSequence([self.base.seed, fold.repeat, fold.fold]).generate_state(1)[0])
             keep, held = stratified_split(y[fold.train].numpy(), self.base.val_fraction, seed=seed)
             rows = {"train": fold.train[keep], "val": fold.train[held], "score": fold.val}
-            rows_t = {name: torch.as_tensor(r) for name, r in rows.items()}
-            counts = np.maximum(np.bincount(y[rows_t["train"]].numpy(), minlength=n), 1)
-            parts.append(Part(fold.repeat, {name: TensorDataset(x[r], y[r]) for name, r in rows_t.items()}, counts))
+            counts = np.maximum(np.bincount(y.numpy()[rows["train"]], minlength=n), 1)
+            parts.append(Part(fold.repeat, {name: TensorDataset(x[r], y[r]) for name, r in rows.items()}, counts))
         return parts
 
     def _context(self, cfg: RunConfig, method: Any, part: Part, model: Any) -> Any:
