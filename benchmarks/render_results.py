@@ -320,7 +320,22 @@ def render_epoch_speedup() -> str:
     return f"{record['a_epoch_cached_vs_online']['speedup_per_epoch']:.0f}×"
 
 
-BLOCKS = {("<!-- default-run:start -->", "<!-- default-run:end -->"): render_default_run,
+def render_cli_latency() -> str:
+    """How long the refused default command takes, directly and through ``accelerate launch`` (measured)."""
+    record = json.loads((RESULTS / "speed_cli_errors.json").read_text())
+    cmd, machine = record["commands"], record["machine"]
+    load = machine["loadavg_1_5_15_at_start"][0]
+    return (f"Measured on this project's {machine['cpus']}-core machine (load average {load:.1f} at the start; median "
+            f"of {record['repeats']} fresh processes, file cache warm; `benchmarks/results/speed_cli_errors.json`): "
+            f"`python recipes/finetune.py --backbone vit_base` is refused after {cmd['refused']['median_s']:.2f} s, "
+            f"while importing torch, timm, datasets, accelerate and transformers' ViT alone takes "
+            f"{cmd['full_imports']['median_s']:.2f} s; through `accelerate launch --quiet` the same line comes after "
+            f"{cmd['launch_refused']['median_s']:.2f} s, {cmd['launch_empty']['median_s']:.2f} s of which the "
+            f"launcher takes with an empty script.")
+
+
+BLOCKS = {("<!-- cli-latency:start -->", "<!-- cli-latency:end -->"): render_cli_latency,
+          ("<!-- default-run:start -->", "<!-- default-run:end -->"): render_default_run,
           ("<!-- stage2-epoch-speedup:start -->", "<!-- stage2-epoch-speedup:end -->"): render_epoch_speedup,
           ("<!-- compare-results:start -->", "<!-- compare-results:end -->"): render,
           ("<!-- peft-longtail:start -->", "<!-- peft-longtail:end -->"): render_peft,
