@@ -75,15 +75,21 @@ def test_selection_quality_row_ranks_selection_against_test():
     pytest.importorskip("scipy")
     quality = load_script("benchmarks/render_results.py")._selection_quality
 
-    def row(selection: float, test: float, recipe_test: float, kept: bool) -> dict:
-        return {"selection": {"mean": selection}, "balanced": {"mean": test}, "recipe_kept": kept,
+    def row(selection: float, seeds: tuple[float, float], recipe_test: float, kept: bool) -> dict:
+        return {"selection": {"mean": selection}, "balanced": {"mean": sum(seeds) / 2}, "recipe_kept": kept,
+                "tuned": {"per_seed": [{"test": {"balanced": t}} for t in seeds]},
                 "default": {"test": {"balanced": {"mean": recipe_test}}}}
 
-    # selection ranks a, b, c, d; test ranks a, c, b, d: d = (0, 1, 1, 0), rho = 1 - 6 * 2 / (4 * 15) = 0.8
-    report = {"methods": {"a": row(0.90, 0.80, 0.80, True), "b": row(0.85, 0.70, 0.71, False),
-                          "c": row(0.80, 0.75, 0.752, False), "d": row(0.70, 0.60, 0.70, False)}}
+    # selection ranks a, b, c, d; the seed means (0.80, 0.70, 0.75, 0.60) rank a, c, b, d:
+    # d = (0, 1, 1, 0), rho = 1 - 6 * 2 / (4 * 15) = 0.8.
+    # Seed 0 ranks a, b, c, d (ranks 1, 2, 3, 4); seed 1 ties a and c (ranks 1.5, 3, 1.5, 4). Pearson of the ranks:
+    # deviations (-1.5, -0.5, 0.5, 1.5) and (-1, 0.5, -1, 1.5): 3 / sqrt(5 * 4.5) = 0.632. With two seeds "the
+    # others' mean" is the other seed: selection (= seed 0's ranking) scores 0.632 against seed 1 and 1 against
+    # seed 0, mean 0.816; each seed against the other: 0.632.
+    report = {"methods": {"a": row(0.90, (0.80, 0.80), 0.80, True), "b": row(0.85, (0.72, 0.68), 0.71, False),
+                          "c": row(0.80, (0.70, 0.80), 0.752, False), "d": row(0.70, (0.60, 0.60), 0.70, False)}}
     line = quality([("X", report)])[2]
-    assert line == "| X | 0.80 | 2: `b` -1.00, `d` -10.00 | 1 of 4 |"
+    assert line == "| X | 0.80 | 0.82 / 0.63 | 2: `b` -1.00, `d` -10.00 | 1 of 4 |"
 
 
 def test_readme_create_model_calls_say_whether_the_weights_are_pretrained():
