@@ -79,12 +79,14 @@ def render() -> str:
                   "accuracy, and the cell gives the Spearman correlation to it of the selection score and of the "
                   "left-out seed's test accuracy (averaged over seeds); where the second number is not higher, test "
                   "cannot tell the candidates apart any better than the selection score does:", ""]
-        ablation = [(f"{NAMES.get(s, s)}, {px} px, `--recipe-se {r['setting']['recipe_se']:g}`", r)
-                    for s, px, r in _reports(RESULTS / "recipe_rule")]
+        ablation = [(f"{NAMES.get(s, s)}, {px} px, {flag(r['setting'])}", r)
+                    for folder, flag in ABLATIONS.items() for s, px, r in _reports(RESULTS / folder)]
         lines += _selection_quality([(f"{NAMES.get(s, s)}, {px} px", r) for s, px, r in cv] + ablation)
         if ablation:
-            lines += ["", "Rows naming `--recipe-se`: the same studies with another recipe rule "
-                      "(`benchmarks/results/recipe_rule/`); the rows above use the committed comparisons' own rule."]
+            lines += ["", "Rows naming a flag: the same comparison with that one setting changed. `--recipe-se`: the "
+                      "same studies read with another recipe rule (`benchmarks/results/recipe_rule/`); "
+                      "`--cv-repeats`: every trial scored on more cross-validation repeats, new studies "
+                      "(`benchmarks/results/cv_repeats/`). The rows above use the committed comparisons' settings."]
     lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy % (— also where a setting has no such "
               "class: in A and B the rarest class has 60 and 600 images):", ""]
     lines += _table(reports, "few")
@@ -108,6 +110,11 @@ def render() -> str:
                      f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) | {_minutes(r.get('tuning_time_s'))} | "
                      f"{_minutes(r.get('final_time_s'))} |")
     return "\n".join(lines)
+
+
+# Ablation folders of ``benchmarks/results/``: each holds comparisons that differ from the committed ones in one flag.
+ABLATIONS = {"recipe_rule": lambda st: f"`--recipe-se {st['recipe_se']:g}`",
+             "cv_repeats": lambda st: f"`--cv-repeats {st['cv_repeats']}`"}
 
 
 def _selection_quality(reports: list[tuple[str, dict]]) -> list[str]:
