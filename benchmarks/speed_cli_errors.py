@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HOME": tempfile.mkdtemp(prefix="pih2t_cli_bench_hf_")}  # an empty cache: vit_base is not there
     report: dict = {"benchmark": "speed_cli_errors", "repeats": args.repeats, "machine": machine_info(),
                     "commands": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        # an empty HF cache: vit_base's weights are not there, so the default command is refused
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(Path(tmp) / "hf")}
         empty = Path(tmp) / "empty.py"
         empty.write_text("")
         for name, cmd in commands(str(empty)).items():
