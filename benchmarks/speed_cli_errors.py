@@ -38,31 +38,33 @@ from _common import ROOT, machine_info, write_json  # noqa: E402
 IMPORTS = "import torch, timm, datasets, accelerate, transformers.models.vit.modeling_vit"
 
 
-def commands(empty_script: str) -> dict[str, list[str]]:
-    """The four measured command lines (``accelerate`` is the console script beside this interpreter)."""
+def commands(empty_script: str) -> dict[str, tuple[list[str], int]]:
+    """The four measured command lines, each with the exit code it must end with: 0 runs through, any other is a
+    refusal (``accelerate`` is the console script beside this interpreter)."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     # the values a saved ``accelerate config`` would give, so the launcher prints no warning about defaults
     launch = [launcher, "launch", "--quiet", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     recipe = [str(ROOT / "recipes" / "finetune.py"), "--backbone", "vit_base"]
     return {
-        "refused": [sys.executable, *recipe],
-        "full_imports": [sys.executable, "-c", IMPORTS],
-        "launch_empty": [*launch, empty_script],
-        "launch_refused": [*launch, *recipe],
+        "refused": ([sys.executable, *recipe], 2),
+        "full_imports": ([sys.executable, "-c", IMPORTS], 0),
+        "launch_empty": ([*launch, empty_script], 0),
+        "launch_refused": ([*launch, *recipe], 1),
     }
 
 
-def run_once(argv: list[str], env: dict[str, str], refused: bool, code: int = 2) -> float:
-    """Wall seconds of one fresh process; a refused command must fail with exit ``code`` and one ``error:`` line."""
+def run_once(argv: list[str], env: dict[str, str], code: int) -> float:
+    """Wall seconds of one fresh process; it must exit with ``code``, and a refusal (``code`` != 0) must print
+    exactly one ``error:`` line."""
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    if refused and (proc.returncode != code or len(lines) != 1 or not lines[0].startswith("error:")):
+    if code and (proc.returncode != code or len(lines) != 1 or not lines[0].startswith("error:")):
         raise SystemExit(f"error: {' '.join(argv)} was not refused in one line (exit {proc.returncode}): "
                          f"{proc.stderr.strip()[-300:]!r}")
-    if not refused and proc.returncode != 0:
+    if not code and proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]!r}")
     return wall
 
@@ -81,11 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(Path(tmp) / "hf")}
         empty = Path(tmp) / "empty.py"
         empty.write_text("")
-        for name, cmd in commands(str(empty)).items():
-            refused = name.endswith("refused")
-            code = 1 if name.startswith("launch") else 2
-            run_once(cmd, env, refused, code)  # warms the file cache
-            times = [run_once(cmd, env, refused, code) for _ in range(args.repeats)]
+        for name, (cmd, code) in commands(str(empty)).items():
+            run_once(cmd, env, code)  # warms the file cache
+            times = [run_once(cmd, env, code) for _ in range(args.repeats)]
             shown = [Path(cmd[0]).name, *(c.replace(f"{ROOT}/", "").replace(str(empty), "empty.py") for c in cmd[1:])]
             report["commands"][name] = {"argv": shown,
                                         "median_s": round(statistics.median(times), 3),
