@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=None, help="cap on stage-2 epochs per trial")
     parser.add_argument("--cv-folds", type=int, default=5, help="folds of the cross-validation scoring every trial "
                         "(default: 5; 1: the validation split)")
-    parser.add_argument("--cv-repeats", type=int, default=1, help="repeats of the cross-validation (default: 1)")
+    parser.add_argument("--cv-repeats", type=int, default=None, help="repeats of the cross-validation (default: 3 "
+                        "with a few-shot tail, else 1)")
     parser.add_argument("--workdir", default="/tmp/pih2t_accuracy", help="studies, caches and the encode memo")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -12,11 +12,15 @@ One feature cache, many methods, the same rules for all:
    the rows that chose the best epoch would reward configurations whose validation curve is noisy. The trial's
    score is the mean over folds x repeats, its spread is kept. ``--cv-folds 1`` scores on the validation split
    instead (which then also makes the in-fit choices);
-3. the method's published recipe is the first trial, and stays the method's configuration unless the best trial
-   beats it by more than ``--recipe-se`` (default 2) standard errors of their paired per-part differences: with a
-   few-shot tail the best of many trials is partly the luckiest (the expected maximum of 15 standard normal draws
-   is 1.7), so a smaller gain is what chance alone gives the winner. A method without hyper-parameters (NCM,
-   τ-norm) needs one trial;
+   ``--cv-repeats`` left unset repeats the cross-validation 3 times where the train split has a few-shot class
+   (under 20 images, the evaluation's "few" group) and once otherwise;
+3. the best trial is partly the luckiest on the parts it was chosen on (the expected maximum of 15 standard normal
+   draws is 1.7), so it and the method's published recipe (always the first trial) are **re-scored on fresh
+   deals** of the same rows (as many repeats again, none of which chose anything). There, the recipe stays the
+   method's configuration unless the best trial beats it by more than ``--recipe-se`` (default 2) standard errors
+   of their paired per-part differences, and the kept configuration's fresh score is the method's selection score,
+   which ranks methods and picks the chosen one. A method without hyper-parameters (NCM, τ-norm) needs one trial,
+   whose score chose nothing and is its selection score;
 4. only after every study has finished is the test split read: each method's best configuration, and its
    published recipe untuned, are retrained for every seed exactly as ``recipes/finetune.py`` trains them (linear
    stage 1 on the train split, in-fit choices such as the best epoch on the validation split) and evaluated on
@@ -49,7 +53,7 @@ from .methods import fusion_methods, get_method, list_methods
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
 
-SCHEMA = "pih2t_hub.compare/3"
+SCHEMA = "pih2t_hub.compare/4"
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ class Bench:
     trial; the final retraining on the train / validation split, and the only read of the test split."""
 
     def __init__(self, base: RunConfig, seeds: int, progress: bool = True, max_epochs: int | None = None,
-                 cv_folds: int = 1, cv_repeats: int = 1) -> None:
+                 cv_folds: int = 1, cv_repeats: int | None = 1) -> None:
         from .training.cache import extract_features
         from .training.run import build_context, load_data, start_accelerator
 
@@ -131,15 +135,21 @@ class Bench:
         self.initial_head = copy.deepcopy(self.ctx.model.classifier)  # where the run's own stage 1 starts
         extract_features(self.ctx, ("train", "val"))  # test: only at the final evaluation
         self.final = {s: self._split_part(s) for s in range(seeds)}
-        self.folds = self._cv_parts(cv_folds, cv_repeats)
+        self.cv_repeats = cv_repeats if cv_repeats is not None else auto_repeats(self.data["class_counts"])
+        self.folds = self._cv_parts(cv_folds, range(self.cv_repeats))
+        # fresh deals of the same rows: they score each study's winner without the luck that made it the winner
+        self.rescore_parts = self._cv_parts(cv_folds, range(self.cv_repeats, 2 * self.cv_repeats)) \
+            if cv_folds > 1 else []
         self.test_evaluations = 0
         self.max_epochs = max_epochs
 
     def _split_part(self, seed: int) -> Part:
         return Part(seed, {k: self.ctx.features[k] for k in ("train", "val")}, self.data["class_counts"])
 
-    def _cv_parts(self, k: int, repeats: int) -> list[Part]:
-        """One part per (repeat, fold) of the pooled rows; ``k == 1``: the validation split, one seed per repeat.
+    def _cv_parts(self, k: int, repeats: range) -> list[Part]:
+        """One part per (repeat, fold) of the pooled rows for the given repeats (repeat ``r`` deals its folds with
+        seed ``seed + r``, whichever other repeats are asked for); ``k == 1``: the validation split, one seed per
+        repeat.
 
         A fold's training part is split as the run splits its data (:func:`~pih2t_hub.data.splits.stratified_split`
         with ``val_fraction``, seeded per fold): most rows train, the held-out ones make the in-fit choices, and the
@@ -153,12 +163,14 @@ class Bench:
         from .data.splits import stratified_split
 
         if k == 1:
-            return [self.final.get(r) or self._split_part(r) for r in range(repeats)]
+            return [self.final.get(r) or self._split_part(r) for r in repeats]
         tr, va = self.ctx.features["train"].tensors, self.ctx.features["val"].tensors
         x, y = torch.cat([tr[0], va[0]]), torch.cat([tr[1], va[1]])
         n = self.data["num_classes"]
         parts = []
-        for fold in cv_folds(y.numpy(), k, repeats, seed=self.base.seed):
+        for fold in cv_folds(y.numpy(), k, repeats.stop, seed=self.base.seed):
+            if fold.repeat not in repeats:
+                continue
             seed = int(np.random.SeedSequence([self.base.seed, fold.repeat, fold.fold]).generate_state(1)[0])
             keep, held = stratified_split(y[fold.train].numpy(), self.base.val_fraction, seed=seed)
             rows = {"train": fold.train[keep], "val": fold.train[held], "score": fold.val}
@@ -226,8 +238,15 @@ class Bench:
         return cfg
 
     def score(self, cand: Candidate, overrides: dict[str, Any]) -> list[float]:
-        """Balanced accuracy on the scored rows of every cross-validation part (the selection score's sample)."""
+        """Balanced accuracy on the scored rows of every cross-validation part (what a trial is tuned on)."""
         return [self.fit(cand, overrides, part)[1]["balanced"] for part in self.folds]
+
+    def rescore(self, cand: Candidate, overrides: dict[str, Any]) -> list[float] | None:
+        """Balanced accuracy on the scored rows of every re-scoring part: fresh deals of the same pooled rows, which
+        no trial was chosen on. None with ``--cv-folds 1`` (there is no other validation data to re-score on)."""
+        if not self.rescore_parts:
+            return None
+        return [self.fit(cand, overrides, part)[1]["balanced"] for part in self.rescore_parts]
 
     def test_metrics(self, model: Any) -> dict[str, Any]:
         """The only place the test split is read (its features are extracted on the first call)."""
@@ -237,6 +256,19 @@ class Bench:
             extract_features(self.ctx, ("test",))
         self.test_evaluations += 1
         return self.ctx.eval_head(model.classifier, "test")
+
+
+#: cross-validation repeats of a comparison whose train split has a few-shot class (and of the re-scoring): one deal
+#: of such a class's few images into folds ranks configurations mostly by which image lands where
+FEW_SHOT_REPEATS = 3
+
+
+def auto_repeats(class_counts: Iterable[int]) -> int:
+    """``--cv-repeats`` left unset: :data:`FEW_SHOT_REPEATS` where a class of the train split is few-shot (the
+    evaluation's own "few" group, under 20 images), else 1."""
+    from .data.shots import shot_groups
+
+    return FEW_SHOT_REPEATS if (shot_groups(np.asarray(list(class_counts))) == "few").any() else 1
 
 
 def _merge(cfg: RunConfig, *layers: dict[str, Any]) -> RunConfig:
@@ -340,8 +372,11 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
     """Run the candidate's study up to the budget (resuming a stored one); its best trial's overrides and score.
 
     A trial's score is the mean balanced accuracy over the cross-validation parts; the per-part values and their
-    spread are kept with the trial. The recipe is kept unless the best trial's paired gain over it exceeds
-    ``cc.recipe_se`` standard errors (``recipe_kept``; the best trial's own score is reported beside it).
+    spread are kept with the trial. The best trial and the recipe are then re-scored on fresh deals
+    (:func:`_rescore`; not with ``--cv-folds 1``, nor for a method with a single trial, whose score chose nothing).
+    The recipe is kept unless the best trial's paired gain over it there exceeds ``cc.recipe_se`` standard errors
+    (``recipe_kept``); the kept configuration's re-scored score is the method's selection score, and the best
+    trial's score on its tuning parts is reported beside it.
     """
     import optuna
 
@@ -370,23 +405,57 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
         study.optimize(objective, n_trials=remaining, callbacks=[enough, progress])
     top = _best_within_budget(study, budget)
     recipe = _recipe_trial(study)
-    gain = _paired_gain(top, recipe) if recipe is not None and top.number != recipe.number else None
+    rescored = _rescore(study, bench, cand, [top, recipe]) if budget > 1 else None
+    scores = (lambda t: rescored[t.number]) if rescored else _tuning_scores  # noqa: E731
+    gain = _paired_gain(scores(top), scores(recipe)) if recipe is not None and top.number != recipe.number else None
     keep = gain is not None and not gain["mean"] > cc.recipe_se * gain["se"]
     best = recipe if keep else top
     overrides = cls.search_space(optuna.trial.FixedTrial(best.params))
-    return {"overrides": overrides, "params": best.params, "best_val": best.value, "budget": budget,
-            "selection": _spread(best), "recipe_selection": _spread(recipe) if recipe is not None else None,
-            "best_trial_selection": _spread(top), "gain_over_recipe": gain, "recipe_kept": keep,
-            "resumed_trials": len(done), "trial_seconds": _trial_seconds(study)}
+    selection = _spread(scores(best))
+    return {"overrides": overrides, "params": best.params, "best_val": selection["mean"], "budget": budget,
+            "selection": selection, "recipe_selection": _spread(scores(recipe)) if recipe is not None else None,
+            "best_trial_selection": _spread(_tuning_scores(top)),
+            "best_trial_rescored": _spread(scores(top)) if rescored else None, "rescored": rescored is not None,
+            "gain_over_recipe": gain, "recipe_kept": keep, "resumed_trials": len(done),
+            "trial_seconds": round(_trial_seconds(study) + study.user_attrs.get("rescore_seconds", 0.0), 1)}
 
 
-def _paired_gain(trial: Any, recipe: Any) -> dict[str, float] | None:
-    """Mean and standard error of a trial's per-part score differences to the recipe's (the same parts, paired).
+def _rescore(study: Any, bench: Bench, cand: Candidate, trials: list[Any]) -> dict[int, list[float]] | None:
+    """The trials' scores on the bench's re-scoring parts, by trial number; None where the bench has none.
+
+    The best of many trials scored on the same parts is partly the luckiest on those parts, so its score there
+    overstates it, by more the more trials and the noisier the parts: its gain over the recipe and its rank among
+    methods are judged on fresh deals instead. The scores are stored with the study (and the seconds they took), so
+    a resumed comparison reuses them; a fit is deterministic, so recomputing would give the same numbers.
+    """
+    import optuna
+
+    cls, out = get_method(cand.method), {}
+    for trial in {t.number: t for t in trials if t is not None}.values():
+        key = f"rescore_{trial.number}"
+        if key not in study.user_attrs:
+            start = time.perf_counter()
+            found = bench.rescore(cand, cls.search_space(optuna.trial.FixedTrial(trial.params)))
+            if found is None:
+                return None
+            study.set_user_attr(key, found)
+            spent = study.user_attrs.get("rescore_seconds", 0.0) + time.perf_counter() - start
+            study.set_user_attr("rescore_seconds", spent)
+        out[trial.number] = list(study.user_attrs[key])
+    return out
+
+
+def _tuning_scores(trial: Any) -> list[float]:
+    """A trial's per-part scores on the parts it was tuned on."""
+    return list(trial.user_attrs.get("scores", [trial.value]))
+
+
+def _paired_gain(ours: list[float], theirs: list[float]) -> dict[str, float] | None:
+    """Mean and standard error of the per-part score differences of a trial to the recipe (the same parts, paired).
 
     None when there is a single part (``--cv-folds 1 --cv-repeats 1``): no spread to judge a gain by, so the best
     trial is taken as it is.
     """
-    ours, theirs = trial.user_attrs.get("scores", [trial.value]), recipe.user_attrs.get("scores", [recipe.value])
     if len(ours) < 2 or len(ours) != len(theirs):
         return None
     diffs = [a - b for a, b in zip(ours, theirs)]
@@ -401,11 +470,10 @@ def _recipe_trial(study: Any) -> Any:
                  if "fixed_params" in t.system_attrs), None)
 
 
-def _spread(trial: Any) -> dict[str, Any]:
-    """A trial's selection score: mean, standard deviation and number of the cross-validation parts' values."""
-    scores = trial.user_attrs.get("scores", [trial.value])
+def _spread(scores: list[float]) -> dict[str, Any]:
+    """A selection score: mean, standard deviation and number of the cross-validation parts' values."""
     std = float(statistics.stdev(scores)) if len(scores) > 1 else 0.0
-    return {"mean": float(trial.value), "std": std, "parts": len(scores)}
+    return {"mean": float(np.mean(scores)), "std": std, "parts": len(scores)}
 
 
 def _best_within_budget(study: Any, budget: int) -> Any:
@@ -527,6 +595,7 @@ def _row(cand: Candidate, tuned: dict[str, Any], final: dict[str, Any], default:
     return {"method": cand.method, "fixed": cand.fixed, "params": tuned["overrides"], "trials": tuned["budget"],
             "tuning_s": tuned["trial_seconds"], "selection": tuned["selection"],
             "recipe_selection": tuned["recipe_selection"], "best_trial_selection": tuned["best_trial_selection"],
+            "best_trial_rescored": tuned["best_trial_rescored"], "rescored": tuned["rescored"],
             "gain_over_recipe": tuned["gain_over_recipe"], "recipe_kept": tuned["recipe_kept"],
             "balanced": test["balanced"], "few": test["few"],
             "many": test["many"], "tuned": clean(final), "default": clean(default)}
@@ -621,6 +690,7 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     storage = _open_storage(cc.storage_url(base.output_dir))
     bench = Bench(base, cc.seeds, progress=progress, max_epochs=cc.max_epochs, cv_folds=cc.cv_folds,
                   cv_repeats=cc.cv_repeats)
+    cc = dataclasses.replace(cc, cv_repeats=bench.cv_repeats)  # what ran is what is recorded
     tuned = _tune_all(bench, cc, methods, storage, cc.storage is None, progress)
     rows, models = {}, {}
     final_start = time.perf_counter()

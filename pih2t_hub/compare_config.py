@@ -38,7 +38,10 @@ class CompareConfig:
     seeds: int = _f(3, "seeds of the final retraining, each evaluated on test once (>= 1)")
     cv_folds: int = _f(5, "folds of the stratified cross-validation that scores every trial on the pooled train "
                           "and validation rows (>= 2); 1: train on the train split, score on the validation split")
-    cv_repeats: int = _f(1, "repeats of the cross-validation, each with its own deal of the rows into folds (>= 1)")
+    cv_repeats: int | None = _f(None, "repeats of the cross-validation, each with its own deal of the rows into "
+                                      "folds (>= 1); the best trial and the recipe are re-scored on as many fresh "
+                                      "deals. None: 3 where the train split has a few-shot class (under 20 "
+                                      "images), else 1")
     recipe_se: float = _f(2.0, "the best trial replaces the published recipe only if its paired gain over it "
                                "across the cross-validation parts exceeds this many standard errors (>= 0; 0: the "
                                "best trial whenever it scores higher)")
@@ -56,7 +59,7 @@ class CompareConfig:
     def validate(self) -> "CompareConfig":
         """Values that cannot run, refused before any data is read."""
         for name in ("trials", "seeds", "cv_repeats"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.cv_folds < 1:
             raise ValueError(f"--cv-folds must be >= 2 (cross-validation) or 1 (the single validation split), "
@@ -72,7 +75,9 @@ class CompareConfig:
         """How trials are scored, in words (recorded in the report)."""
         if self.cv_folds == 1:
             return "balanced accuracy on the validation split"
-        repeats = f", {self.cv_repeats} repeats" if self.cv_repeats > 1 else ""
-        rule = (f"; the published recipe kept unless a trial beats it by more than {self.recipe_se:g} standard "
-                f"errors" if self.recipe_se > 0 else "")
-        return f"mean balanced accuracy of stratified {self.cv_folds}-fold cross-validation{repeats}{rule}"
+        repeats = ("" if self.cv_repeats == 1 else f", {self.cv_repeats} repeats" if self.cv_repeats
+                   else ", 3 repeats with a few-shot tail")
+        rule = (f"; the published recipe kept unless the best trial beats it by more than {self.recipe_se:g} "
+                f"standard errors" if self.recipe_se > 0 else "")
+        return (f"mean balanced accuracy of stratified {self.cv_folds}-fold cross-validation{repeats}, the best "
+                f"trial and the recipe re-scored on fresh deals{rule}")

@@ -121,7 +121,10 @@ def test_equal_budget_and_published_recipe_as_first_trial(two_runs) -> None:
 def test_report_schema_table_plot_and_best_model(two_runs) -> None:
     out, report = two_runs[0][0]
     saved = json.loads((out / "comparison.json").read_text())
-    assert saved["schema"] == "pih2t_hub.compare/3" and saved["best"] in saved["methods"]
+    assert saved["schema"] == "pih2t_hub.compare/4" and saved["best"] in saved["methods"]
+    assert saved["setting"]["cv_repeats"] == 3  # left unset, resolved from the few-shot tail, recorded as ran
+    for row in saved["methods"].values():
+        assert row["rescored"] is (row["trials"] > 1) and row["selection"]["parts"] == 15
     for row in saved["methods"].values():
         for key in ("balanced", "few"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] >= 0.0
@@ -182,13 +185,17 @@ def test_sigkill_resumes_without_repeating_finished_trials(tmp_path: Path) -> No
     report = json.loads((out / "comparison.json").read_text())
     assert report["methods"]["crt"]["trials"] == 5
     # the tuning time counts the killed run's trials too: the storage's own timestamps, summed here in SQL
+    # plus the seconds spent re-scoring the best trial and the recipe on fresh deals, kept with the study
     con = sqlite3.connect(db)
     spans = con.execute("select t.datetime_start, t.datetime_complete from trials t join studies s using(study_id) "
                         "where s.study_name = 'crt' and t.state = 'COMPLETE'").fetchall()
+    (rescoring,), = con.execute("select a.value_json from study_user_attributes a join studies s using(study_id) "
+                                "where s.study_name = 'crt' and a.key = 'rescore_seconds'").fetchall()
     con.close()
     from datetime import datetime
 
     total = sum((datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds() for a, b in spans)
+    total += json.loads(rescoring)
     assert len(spans) == 5 and report["methods"]["crt"]["tuning_s"] == pytest.approx(total, abs=0.1)
     assert report["tuning_time_s"] == pytest.approx(total, abs=0.1) and total > 0
 
@@ -223,8 +230,9 @@ class _ScoreBench:
     """A stand-in for the shared bench: the n-th trial scores ``value(n)`` on each of its parts, and can run a side
     effect (another worker finishing trials in the same storage) before returning."""
 
-    def __init__(self, value, during=None) -> None:
+    def __init__(self, value, during=None, fresh=None) -> None:
         self.base, self.value, self.during, self.calls = RunConfig(**DATA), value, during, 0
+        self.fresh, self.rescored = fresh, []  # fresh(overrides): the re-scoring parts' values; None: no such parts
 
     def score(self, cand, overrides):
         self.calls += 1
@@ -232,6 +240,12 @@ class _ScoreBench:
             self.during(self.calls)
         value = self.value(self.calls)
         return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def rescore(self, cand, overrides):
+        if self.fresh is None:
+            return None
+        self.rescored.append(overrides)
+        return list(self.fresh(overrides))
 
 
 def test_workers_sharing_a_storage_spend_one_budget(tmp_path: Path) -> None:
@@ -302,18 +316,67 @@ def test_recipe_is_kept_unless_the_best_trial_beats_it_by_k_standard_errors(k: f
     assert (out["params"]["tau"] == 1.0) is kept  # the recipe's τ, or the trial's draw
 
 
+@pytest.mark.parametrize("k, kept", [(2.0, True), (1.0, False)])
+def test_best_trial_and_recipe_are_judged_on_fresh_deals(k: float, kept: bool, tmp_path: Path) -> None:
+    """The best trial's luck on its tuning parts (0.9 everywhere) is not what ranks it: fresh deals are."""
+    import math
+    import statistics
+
+    pytest.importorskip("optuna")
+    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=3, seeds=1, cv_folds=4, recipe_se=k)
+    tuning = {1: [0.5] * 4, 2: [0.9] * 4, 3: [0.6] * 4}  # trial 1 is the recipe (τ = 1), trial 2 the best
+    recipe_fresh, best_fresh = [0.60, 0.50, 0.70, 0.40], [0.61, 0.50, 0.70, 0.41]
+    fresh = lambda o: recipe_fresh if o["loss_kwargs"]["tau"] == 1.0 else best_fresh  # noqa: E731
+    storage = cmp._open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    bench = _ScoreBench(tuning.__getitem__, fresh=fresh)
+    out = cmp.tune(bench, cmp.Candidate("logit_adjusted", "logit_adjusted"), cc, storage)
+    diffs = [a - b for a, b in zip(best_fresh, recipe_fresh)]  # 0.005 ± 0.0029: 1.73 standard errors
+    assert out["gain_over_recipe"] == pytest.approx({"mean": sum(diffs) / 4,
+                                                     "se": statistics.stdev(diffs) / math.sqrt(4), "parts": 4})
+    assert out["recipe_kept"] is kept and out["rescored"] is True
+    assert len(bench.rescored) == 2  # the best trial and the recipe, nothing else
+    assert out["selection"]["mean"] == pytest.approx(sum(recipe_fresh if kept else best_fresh) / 4)
+    assert out["recipe_selection"]["mean"] == pytest.approx(0.55)
+    assert out["best_trial_selection"]["mean"] == pytest.approx(0.9)  # what chose it, reported beside
+    assert out["best_trial_rescored"]["mean"] == pytest.approx(0.555)
+    assert out["best_val"] == out["selection"]["mean"]  # what ranks methods (and picks the X of "X + H2T")
+
+    again = _ScoreBench(tuning.__getitem__, fresh=lambda o: [0.0] * 4)  # resumed: the stored fresh scores
+    assert cmp.tune(again, cmp.Candidate("logit_adjusted", "logit_adjusted"), cc, storage) == {
+        **out, "resumed_trials": 3}
+    assert again.calls == 0 and again.rescored == []
+
+
+def test_a_method_with_one_trial_keeps_its_tuning_score(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    cc = cmp.CompareConfig(methods=["ncm"], trials=5, seeds=1, cv_folds=4)
+    bench = _ScoreBench(lambda n: [0.4, 0.5, 0.6, 0.7], fresh=lambda o: [0.0] * 4)
+    out = cmp.tune(bench, cmp.Candidate("ncm", "ncm"), cc, cmp._open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    assert bench.calls == 1 and bench.rescored == [] and out["rescored"] is False  # its score chose nothing
+    assert out["selection"]["mean"] == pytest.approx(0.55) and out["best_trial_rescored"] is None
+
+
+@pytest.mark.parametrize("counts, repeats", [([150, 40, 20], 1), ([150, 40, 19], 3), ([6], 3)])
+def test_cross_validation_repeats_itself_where_the_tail_is_few_shot(counts: list[int], repeats: int) -> None:
+    assert cmp.auto_repeats(counts) == repeats  # "few": under 20 training images, as the evaluation groups them
+
+
 def test_bench_folds_partition_the_pooled_rows(tmp_path: Path) -> None:
     import torch
 
     base = RunConfig(**DATA, output_dir=str(tmp_path / "b")).validate()
-    bench = cmp.Bench(base, seeds=1, progress=False, cv_folds=3, cv_repeats=2)
+    bench = cmp.Bench(base, seeds=1, progress=False, cv_folds=3, cv_repeats=None)
     feats = bench.ctx.features
     pooled_x = torch.cat([feats["train"].tensors[0], feats["val"].tensors[0]])
     pooled_y = torch.cat([feats["train"].tensors[1], feats["val"].tensors[1]])
     key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731 - rows as comparable tuples
-    assert len(bench.folds) == 6
-    for r in (0, 1):
-        mine = [p for p in bench.folds if p.seed == r]
+    assert bench.data["class_counts"].min() < 20 and bench.cv_repeats == 3  # a few-shot tail: three repeats
+    assert len(bench.folds) == len(bench.rescore_parts) == 9
+    assert {p.seed for p in bench.folds} == {0, 1, 2} and {p.seed for p in bench.rescore_parts} == {3, 4, 5}
+    deal = lambda parts: [key(p.features["score"].tensors[0]) for p in parts]  # noqa: E731
+    assert all(d not in deal(bench.folds) for d in deal(bench.rescore_parts))  # fresh deals, not the tuning ones
+    for r in range(6):
+        mine = [p for p in bench.folds + bench.rescore_parts if p.seed == r]
         assert key(torch.cat([p.features["score"].tensors[0] for p in mine])) == key(pooled_x)  # each once
         for p in mine:
             tr, va, sc = (p.features[name].tensors for name in ("train", "val", "score"))
@@ -431,6 +494,9 @@ class _ParamBench:
 
     def score(self, cand, overrides):
         return [float(overrides["stage2_lr"]) % 0.37, float(overrides["loss_kwargs"]["tau"]) % 0.41]
+
+    def rescore(self, cand, overrides):  # fresh deals: another fixed function of the configuration
+        return [float(overrides["stage2_lr"]) % 0.23, float(overrides["loss_kwargs"]["tau"]) % 0.29]
 
 
 def test_a_study_cut_short_and_a_trial_left_running_end_as_the_straight_study(tmp_path: Path) -> None:
