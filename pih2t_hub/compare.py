@@ -19,8 +19,8 @@ One feature cache, many methods, the same rules for all:
    deals** of the same rows (as many repeats again, none of which chose anything). There, the recipe stays the
    method's configuration unless the best trial beats it by more than ``--recipe-se`` (default 2) standard errors
    of their paired per-part differences, and the kept configuration's fresh score is the method's selection score,
-   which ranks methods and picks the chosen one. A method without hyper-parameters (NCM, τ-norm) needs one trial,
-   whose score chose nothing and is its selection score;
+   which ranks methods and picks the chosen one. A method without hyper-parameters (NCM, τ-norm, DLSA) needs one
+   trial, and is re-scored on the same fresh deals: every method's selection score comes from the same parts;
 4. only after every study has finished is the test split read: each method's best configuration, and its
    published recipe untuned, are retrained for every seed exactly as ``recipes/finetune.py`` trains them (linear
    stage 1 on the train split, in-fit choices such as the best epoch on the validation split) and evaluated on
@@ -357,12 +357,36 @@ def _enqueue_recipe(study: Any, cand: Candidate, base: RunConfig) -> None:
         study.enqueue_trial(_default_trial(cand, base))
 
 
-def _open_study(cand: Candidate, cc: CompareConfig, storage: Any, exclusive: bool) -> Any:
+def _protocol(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:
+    """What a trial's score depends on: the data, the backbone, the folds and repeats, the sampler. Not the budget,
+    the final seeds or the recipe rule, which a resumed comparison may change without invalidating a trial."""
+    skip = ("trials", "seeds", "recipe_se", "selection")
+    return {k: v for k, v in _setting(base, cc).items() if k not in skip}
+
+
+def _check_protocol(storage: Any, protocol: dict[str, Any]) -> None:
+    """Refuse to resume studies whose trials were scored another way (their scores would be mixed with this
+    comparison's); a study from before the protocol was recorded is taken as it is."""
+    import optuna
+
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        theirs = summary.user_attrs.get("protocol")
+        if theirs is not None and theirs != protocol:
+            changed = ", ".join(f"{k}={theirs.get(k)!r} there, {v!r} here" for k, v in protocol.items()
+                                if theirs.get(k) != v)
+            raise ValueError(f"the stored study {summary.study_name!r} scored its trials another way ({changed}): "
+                             f"use another --output-dir or --storage")
+
+
+def _open_study(cand: Candidate, cc: CompareConfig, storage: Any, exclusive: bool,
+                protocol: dict[str, Any] | None = None) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     study = optuna.create_study(study_name=cand.label, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=_trial_seeded_tpe(cc.sampler_seed))
+    if protocol is not None and "protocol" not in study.user_attrs:
+        study.set_user_attr("protocol", protocol)
     _clean_running(study, exclusive)
     return study
 
@@ -373,7 +397,8 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
 
     A trial's score is the mean balanced accuracy over the cross-validation parts; the per-part values and their
     spread are kept with the trial. The best trial and the recipe are then re-scored on fresh deals
-    (:func:`_rescore`; not with ``--cv-folds 1``, nor for a method with a single trial, whose score chose nothing).
+    (:func:`_rescore`; not with ``--cv-folds 1``), as is the single trial of a method with nothing to tune: every
+    method's selection score comes from the same parts, so they compare pairwise.
     The recipe is kept unless the best trial's paired gain over it there exceeds ``cc.recipe_se`` standard errors
     (``recipe_kept``); the kept configuration's re-scored score is the method's selection score, and the best
     trial's score on its tuning parts is reported beside it.
@@ -382,7 +407,7 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
 
     cls = get_method(cand.method)
     budget = cc.trials if cls.search_space(_Probe()) else 1
-    study = _open_study(cand, cc, storage, exclusive)
+    study = _open_study(cand, cc, storage, exclusive, _protocol(bench.base, cc))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     _enqueue_recipe(study, cand, bench.base)
 
@@ -405,7 +430,7 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
         study.optimize(objective, n_trials=remaining, callbacks=[enough, progress])
     top = _best_within_budget(study, budget)
     recipe = _recipe_trial(study)
-    rescored = _rescore(study, bench, cand, [top, recipe]) if budget > 1 else None
+    rescored = _rescore(study, bench, cand, [top, recipe])
     scores = (lambda t: rescored[t.number]) if rescored else _tuning_scores  # noqa: E731
     gain = _paired_gain(scores(top), scores(recipe)) if recipe is not None and top.number != recipe.number else None
     keep = gain is not None and not gain["mean"] > cc.recipe_se * gain["se"]
@@ -691,6 +716,7 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     bench = Bench(base, cc.seeds, progress=progress, max_epochs=cc.max_epochs, cv_folds=cc.cv_folds,
                   cv_repeats=cc.cv_repeats)
     cc = dataclasses.replace(cc, cv_repeats=bench.cv_repeats)  # what ran is what is recorded
+    _check_protocol(storage, _protocol(base, cc))
     tuned = _tune_all(bench, cc, methods, storage, cc.storage is None, progress)
     rows, models = {}, {}
     final_start = time.perf_counter()

@@ -124,7 +124,7 @@ def test_report_schema_table_plot_and_best_model(two_runs) -> None:
     assert saved["schema"] == "pih2t_hub.compare/4" and saved["best"] in saved["methods"]
     assert saved["setting"]["cv_repeats"] == 3  # left unset, resolved from the few-shot tail, recorded as ran
     for row in saved["methods"].values():
-        assert row["rescored"] is (row["trials"] > 1) and row["selection"]["parts"] == 15
+        assert row["rescored"] is True and row["selection"]["parts"] == 15
     for row in saved["methods"].values():
         for key in ("balanced", "few"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] >= 0.0
@@ -347,13 +347,15 @@ def test_best_trial_and_recipe_are_judged_on_fresh_deals(k: float, kept: bool, t
     assert again.calls == 0 and again.rescored == []
 
 
-def test_a_method_with_one_trial_keeps_its_tuning_score(tmp_path: Path) -> None:
+def test_a_method_with_one_trial_is_scored_on_the_same_fresh_deals(tmp_path: Path) -> None:
+    """Every method's selection score comes from the same parts (deals differ in difficulty), one trial or many."""
     pytest.importorskip("optuna")
     cc = cmp.CompareConfig(methods=["ncm"], trials=5, seeds=1, cv_folds=4)
-    bench = _ScoreBench(lambda n: [0.4, 0.5, 0.6, 0.7], fresh=lambda o: [0.0] * 4)
+    bench = _ScoreBench(lambda n: [0.4, 0.5, 0.6, 0.7], fresh=lambda o: [0.3, 0.4, 0.5, 0.6])
     out = cmp.tune(bench, cmp.Candidate("ncm", "ncm"), cc, cmp._open_storage(f"sqlite:///{tmp_path / 's.db'}"))
-    assert bench.calls == 1 and bench.rescored == [] and out["rescored"] is False  # its score chose nothing
-    assert out["selection"]["mean"] == pytest.approx(0.55) and out["best_trial_rescored"] is None
+    assert bench.calls == 1 and len(bench.rescored) == 1 and out["rescored"] is True  # one configuration, once
+    assert out["selection"]["mean"] == pytest.approx(0.45) and out["best_trial_selection"]["mean"] == 0.55
+    assert out["gain_over_recipe"] is None and out["recipe_kept"] is False  # nothing to keep it against
 
 
 @pytest.mark.parametrize("counts, repeats", [([150, 40, 20], 1), ([150, 40, 19], 3), ([6], 3)])
@@ -520,3 +522,19 @@ def test_a_study_cut_short_and_a_trial_left_running_end_as_the_straight_study(tm
     assert optuna.trial.TrialState.RUNNING not in states and optuna.trial.TrialState.FAIL in states
     assert out["resumed_trials"] == 7 and len(params(cut)) == 12
     assert params(cut) == params(straight)
+
+
+def test_resuming_studies_scored_another_way_is_refused(tmp_path: Path) -> None:
+    import optuna
+
+    storage = cmp._open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    base = RunConfig(**DATA)
+    one, three = (cmp._protocol(base, cmp.CompareConfig(cv_repeats=r)) for r in (1, 3))
+    optuna.create_study(study_name="legacy", storage=storage)  # recorded no protocol: taken as it is
+    cmp._check_protocol(storage, three)
+    cmp._open_study(cmp.Candidate("crt", "crt"), cmp.CompareConfig(), storage, True, one)
+    cmp._check_protocol(storage, one)
+    assert cmp._protocol(base, cmp.CompareConfig(cv_repeats=1, trials=40, seeds=5, recipe_se=0.5)) == one
+    with pytest.raises(ValueError, match=r"^the stored study 'crt' scored its trials another way "
+                                         r"\(cv_repeats=1 there, 3 here\)"):
+        cmp._check_protocol(storage, three)
