@@ -89,7 +89,14 @@ def test_selection_quality_row_ranks_selection_against_test():
     report = {"methods": {"a": row(0.90, (0.80, 0.80), 0.80, True), "b": row(0.85, (0.72, 0.68), 0.71, False),
                           "c": row(0.80, (0.70, 0.80), 0.752, False), "d": row(0.70, (0.60, 0.60), 0.70, False)}}
     line = quality([("X", report)])[2]
-    assert line == "| X | 0.80 | 0.82 / 0.63 | 2: `b` -1.00, `d` -10.00 | 1 of 4 |"
+    assert line == "| X | 0.80 | 0.82 / 0.63 | 2: `b` -1.00, `d` -10.00 | 1 of 4 | — |"  # — : not re-scored
+
+    # re-scored: the best trials of a and b (several trials) lose 3 and 1 points on the fresh deals, d's single
+    # trial 0.5: (3 + 1) / 2 = +2.00 beside +0.50
+    for label, trials, picking, fresh in (("a", 16, 0.93, 0.90), ("b", 16, 0.86, 0.85), ("d", 1, 0.705, 0.70)):
+        report["methods"][label].update(trials=trials, best_trial_selection={"mean": picking},
+                                        best_trial_rescored={"mean": fresh})
+    assert quality([("X", report)])[2].endswith("| 1 of 4 | +2.00 (one trial: +0.50) |")
 
 
 def test_readme_create_model_calls_say_whether_the_weights_are_pretrained():
