@@ -39,9 +39,9 @@ class CompareConfig:
     cv_folds: int = _f(5, "folds of the stratified cross-validation that scores every trial on the pooled train "
                           "and validation rows (>= 2); 1: train on the train split, score on the validation split")
     cv_repeats: int | None = _f(None, "repeats of the cross-validation, each with its own deal of the rows into "
-                                      "folds (>= 1); the best trial and the recipe are re-scored on as many fresh "
-                                      "deals. None: 3 where the train split has a few-shot class (under 20 "
-                                      "images), else 1")
+                                      "folds (>= 1); each method's best trial and recipe are then re-scored on as "
+                                      "many fresh deals. Unset: 3 where the train split has a few-shot class "
+                                      "(under 20 images), else 1")
     recipe_se: float = _f(2.0, "the best trial replaces the published recipe only if its paired gain over it "
                                "across the cross-validation parts exceeds this many standard errors (>= 0; 0: the "
                                "best trial whenever it scores higher)")
