@@ -92,6 +92,10 @@ def render() -> str:
                       "is few-shot, a recipe rule of one standard error instead of two, or no re-scoring (the best "
                       "trial judged, against its recipe and against the other methods, on the folds that picked "
                       "it). The rows above use the committed comparisons' protocol."]
+    lines += ["", "The verdict per comparison (test balanced accuracy %, mean over seeds, and rank among all rows on "
+              "test; the chosen method and the best baseline are picked on the selection score, never on test; "
+              "DLSA's minutes: its fits for the selection score / for the final models):", ""]
+    lines += _verdicts(reports)
     lines += ["", "Few-shot classes (≤ 20 training images), balanced accuracy % (— also where a setting has no such "
               "class: in A and B the rarest class has 60 and 600 images):", ""]
     lines += _table(reports, "few")
@@ -121,6 +125,29 @@ def render() -> str:
 
 # The folder of ``benchmarks/results/`` that keeps comparisons made with an earlier protocol, for the record.
 EARLIER = "earlier_protocols"
+
+
+def _verdicts(reports: list[tuple[str, int, dict]]) -> list[str]:
+    """One line per comparison: what it chose and where that lands on test, beside the best row on test, the best
+    baseline, PI-H2T, H2T and DLSA, so that the prose need not restate numbers."""
+    lines = ["| setting | chosen | first on test | best baseline (selection) | `pi-h2t` | `h2t` | `dlsa` |",
+             "|---|---|---|---|---|---|---|"]
+    for s, px, r in reports:
+        rows = r["methods"]
+        order = sorted(rows, key=lambda k: -rows[k]["balanced"]["mean"])
+
+        def at(label: str) -> str:
+            if label not in rows:
+                return "—"
+            kept = ", recipe" if rows[label].get("recipe_kept") else ""
+            return f"{100 * rows[label]['balanced']['mean']:.2f} ({order.index(label) + 1}{kept})"
+
+        dlsa = rows.get("dlsa", {})
+        minutes = f"; {dlsa['tuning_s'] / 60:.1f} / {dlsa['final_s'] / 60:.1f} min" if "tuning_s" in dlsa else ""
+        lines.append(f"| {NAMES.get(s, s)}, {px} px | `{r['best']}` {at(r['best'])} | `{order[0]}` {at(order[0])} | "
+                     f"`{r['best_baseline']}` {at(r['best_baseline'])} | {at('pi-h2t')} | {at('h2t')} | "
+                     f"{at('dlsa')}{minutes} |")
+    return lines
 
 
 def _protocol_label(report: dict) -> str:
