@@ -123,7 +123,8 @@ def run_setting(name: str, size: int, args: argparse.Namespace, memo: EncodeMemo
                      cache_dir=str(Path(args.workdir) / "features" / f"{name}_{size}"))
     methods = args.methods.split(",") if args.methods else None
     cc = CompareConfig(methods=methods, trials=args.trials, seeds=args.seeds, max_epochs=args.max_epochs,
-                       cv_folds=args.cv_folds, cv_repeats=args.cv_repeats, progress=not args.no_progress)
+                       cv_folds=args.cv_folds, cv_repeats=args.cv_repeats, rescore=args.rescore,
+                       progress=not args.no_progress)
     start = time.perf_counter()
     report = compare(base, cc, progress=not args.no_progress)
     memo.save()
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: 5; 1: the validation split)")
     parser.add_argument("--cv-repeats", type=int, default=None, help="repeats of the cross-validation (default: 3 "
                         "with a few-shot tail, else 1)")
+    parser.add_argument("--rescore", action="store_true", help="re-score every method's best trial and recipe on "
+                        "fresh deals (the comparison's --rescore)")
     parser.add_argument("--workdir", default="/tmp/pih2t_accuracy", help="studies, caches and the encode memo")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -78,20 +78,20 @@ def render() -> str:
                   "measures the test side's own noise: for each seed, the target is the other seeds' mean test "
                   "accuracy, and the cell gives the Spearman correlation to it of the selection score and of the "
                   "left-out seed's test accuracy (averaged over seeds); where the second number is not higher, test "
-                  "cannot tell the candidates apart any better than the selection score does. The last column uses "
-                  "training data only: each method's best trial scored on the folds that picked it minus on the "
-                  "fresh deals (points, mean over the methods with several trials), beside the same difference for "
-                  "the methods with one trial, which picked nothing (deals differ in difficulty): the gap is the "
-                  "winner's luck that re-scoring takes out of the selection score:", ""]
+                  "cannot tell the candidates apart any better than the selection score does. The last column, for "
+                  "`--rescore` runs, uses training data only: each method's best trial scored on the folds that "
+                  "picked it minus on the fresh deals (points, mean over the methods with several trials), beside "
+                  "the same difference for the methods with one trial, which picked nothing (deals differ in "
+                  "difficulty): the gap is the winner's luck that re-scoring takes out of the selection score:", ""]
         earlier = [(f"{NAMES.get(s, s)}, {px} px, {_protocol_label(r)}", r)
                    for s, px, r in _reports(RESULTS / EARLIER)]
         lines += _selection_quality([(f"{NAMES.get(s, s)}, {px} px", r) for s, px, r in cv] + earlier)
         if earlier:
-            lines += ["", f"Rows naming a protocol: the same setting compared with an earlier protocol "
+            lines += ["", f"Rows naming a protocol: the same setting compared with another protocol "
                       f"(`benchmarks/results/{EARLIER}/`): one cross-validation deal instead of three where the tail "
-                      "is few-shot, a recipe rule of one standard error instead of two, or no re-scoring (the best "
-                      "trial judged, against its recipe and against the other methods, on the folds that picked "
-                      "it). The rows above use the committed comparisons' protocol."]
+                      "is few-shot, a recipe rule of one standard error instead of two, or `--rescore` (every "
+                      "method's best trial and recipe re-scored on fresh deals, where the recipe rule and the ranking "
+                      "are then judged). The rows above use the committed comparisons' protocol, the default."]
     lines += ["", "The verdict per comparison (test balanced accuracy %, mean over seeds, and rank among all rows on "
               "test; the chosen method and the best baseline are picked on the selection score, never on test; "
               "DLSA's minutes: its fits for the selection score / for the final models):", ""]
@@ -114,7 +114,7 @@ def render() -> str:
         folds = st.get("cv_folds", 1)
         rule = f", recipe rule {st['recipe_se']:g} SE" if st.get("recipe_se") else ""
         repeats = f" × {st['cv_repeats']} repeats" if st.get("cv_repeats", 1) > 1 else ""
-        rescored = ", re-scored" if int(r["schema"].rsplit("/", 1)[1]) >= 4 else ""
+        rescored = ", re-scored" if _rescored(r) else ""
         how = f"{folds}-fold CV{repeats}{rescored}{rule}" if folds > 1 else "validation split"
         lines.append(f"| {NAMES.get(s, s)}, {px} px | {how} | {st['trials']} | {st['seeds']} | "
                      f"`{r['best_baseline']}` | {missing} | {r['benchmark']['wall_time_s'] / 60:.1f} min "
@@ -123,8 +123,8 @@ def render() -> str:
     return "\n".join(lines)
 
 
-# The folder of ``benchmarks/results/`` that keeps comparisons made with an earlier protocol, for the record.
-EARLIER = "earlier_protocols"
+# The folder of ``benchmarks/results/`` that keeps the same settings compared with another protocol, for the record.
+EARLIER = "other_protocols"
 
 
 def _verdicts(reports: list[tuple[str, int, dict]]) -> list[str]:
@@ -151,15 +151,19 @@ def _verdicts(reports: list[tuple[str, int, dict]]) -> list[str]:
 
 
 def _protocol_label(report: dict) -> str:
-    """How an earlier comparison's protocol differs from the committed ones' (re-scoring, repeats, recipe rule)."""
+    """A comparison's protocol in words: its repeats, and its recipe rule and re-scoring where not the default's."""
     st = report["setting"]
     repeats = st.get("cv_repeats", 1)
     words = [f"{repeats} repeat{'s' if repeats > 1 else ''}"]
     if st.get("recipe_se", 2) != 2:
         words.append(f"recipe rule {st['recipe_se']:g} SE")
-    if int(report["schema"].rsplit("/", 1)[1]) < 4:
-        words.append("no re-scoring")
+    if _rescored(report):
+        words.append("`--rescore`")
     return ", ".join(words)
+
+
+def _rescored(report: dict) -> bool:
+    return any(row.get("rescored") for row in report["methods"].values())
 
 
 def _selection_quality(reports: list[tuple[str, dict]]) -> list[str]:

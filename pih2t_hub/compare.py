@@ -14,13 +14,14 @@ One feature cache, many methods, the same rules for all:
    instead (which then also makes the in-fit choices);
    ``--cv-repeats`` left unset repeats the cross-validation 3 times where the train split has a few-shot class
    (under 20 images, the evaluation's "few" group) and once otherwise;
-3. the best trial is partly the luckiest on the parts it was chosen on (the expected maximum of 15 standard normal
-   draws is 1.7), so it and the method's published recipe (always the first trial) are **re-scored on fresh
-   deals** of the same rows (as many repeats again, none of which chose anything). There, the recipe stays the
-   method's configuration unless the best trial beats it by more than ``--recipe-se`` (default 2) standard errors
-   of their paired per-part differences, and the kept configuration's fresh score is the method's selection score,
-   which ranks methods and picks the chosen one. A method without hyper-parameters (NCM, τ-norm, DLSA) needs one
-   trial, and is re-scored on the same fresh deals: every method's selection score comes from the same parts;
+3. the method's published recipe is the first trial, and stays the method's configuration unless the best trial
+   beats it by more than ``--recipe-se`` (default 2) standard errors of their paired per-part differences: the best
+   of many trials is partly the luckiest on the parts that picked it (the expected maximum of 15 standard normal
+   draws is 1.7), so a smaller gain is what chance alone gives the winner. The kept configuration's score ranks the
+   methods. A method without hyper-parameters (NCM, τ-norm, DLSA) needs one trial. ``--rescore`` judges the rule
+   and the ranking on fresh deals of the same rows instead (as many repeats again, which chose nothing; every
+   method, one trial or many, is re-scored there, so all selection scores come from the same parts): unbiased, but
+   it ranks on half the deals, and measured on the benchmark settings it ranked the methods worse against test;
 4. only after every study has finished is the test split read: each method's best configuration, and its
    published recipe untuned, are retrained for every seed exactly as ``recipes/finetune.py`` trains them (linear
    stage 1 on the train split, in-fit choices such as the best epoch on the validation split) and evaluated on
@@ -120,7 +121,7 @@ class Bench:
     trial; the final retraining on the train / validation split, and the only read of the test split."""
 
     def __init__(self, base: RunConfig, seeds: int, progress: bool = True, max_epochs: int | None = None,
-                 cv_folds: int = 1, cv_repeats: int | None = 1) -> None:
+                 cv_folds: int = 1, cv_repeats: int | None = 1, rescore: bool = False) -> None:
         from .training.cache import extract_features
         from .training.run import build_context, load_data, start_accelerator
 
@@ -139,7 +140,7 @@ class Bench:
         self.folds = self._cv_parts(cv_folds, range(self.cv_repeats))
         # fresh deals of the same rows: they score each study's winner without the luck that made it the winner
         self.rescore_parts = self._cv_parts(cv_folds, range(self.cv_repeats, 2 * self.cv_repeats)) \
-            if cv_folds > 1 else []
+            if rescore and cv_folds > 1 else []
         self.test_evaluations = 0
         self.max_epochs = max_epochs
 
@@ -243,7 +244,7 @@ class Bench:
 
     def rescore(self, cand: Candidate, overrides: dict[str, Any]) -> list[float] | None:
         """Balanced accuracy on the scored rows of every re-scoring part: fresh deals of the same pooled rows, which
-        no trial was chosen on. None with ``--cv-folds 1`` (there is no other validation data to re-score on)."""
+        no trial was chosen on. None without ``--rescore``, and with ``--cv-folds 1`` (no other validation data)."""
         if not self.rescore_parts:
             return None
         return [self.fit(cand, overrides, part)[1]["balanced"] for part in self.rescore_parts]
@@ -360,7 +361,7 @@ def _enqueue_recipe(study: Any, cand: Candidate, base: RunConfig) -> None:
 def _protocol(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:
     """What a trial's score depends on: the data, the backbone, the folds and repeats, the sampler. Not the budget,
     the final seeds or the recipe rule, which a resumed comparison may change without invalidating a trial."""
-    skip = ("trials", "seeds", "recipe_se", "selection")
+    skip = ("trials", "seeds", "recipe_se", "rescore", "selection")
     return {k: v for k, v in _setting(base, cc).items() if k not in skip}
 
 
@@ -396,12 +397,12 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
     """Run the candidate's study up to the budget (resuming a stored one); its best trial's overrides and score.
 
     A trial's score is the mean balanced accuracy over the cross-validation parts; the per-part values and their
-    spread are kept with the trial. The best trial and the recipe are then re-scored on fresh deals
-    (:func:`_rescore`; not with ``--cv-folds 1``), as is the single trial of a method with nothing to tune: every
-    method's selection score comes from the same parts, so they compare pairwise.
-    The recipe is kept unless the best trial's paired gain over it there exceeds ``cc.recipe_se`` standard errors
-    (``recipe_kept``); the kept configuration's re-scored score is the method's selection score, and the best
-    trial's score on its tuning parts is reported beside it.
+    spread are kept with the trial. With ``--rescore`` the best trial and the recipe are then re-scored on fresh
+    deals (:func:`_rescore`), as is the single trial of a method with nothing to tune (every method's selection
+    score then comes from the same parts, so they compare pairwise), and the rule below is judged there.
+    The recipe is kept unless the best trial's paired gain over it exceeds ``cc.recipe_se`` standard errors
+    (``recipe_kept``); the kept configuration's score is the method's selection score, and the best trial's score
+    on its tuning parts is reported beside it.
     """
     import optuna
 
@@ -714,7 +715,7 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     start = time.perf_counter()
     storage = _open_storage(cc.storage_url(base.output_dir))
     bench = Bench(base, cc.seeds, progress=progress, max_epochs=cc.max_epochs, cv_folds=cc.cv_folds,
-                  cv_repeats=cc.cv_repeats)
+                  cv_repeats=cc.cv_repeats, rescore=cc.rescore)
     cc = dataclasses.replace(cc, cv_repeats=bench.cv_repeats)  # what ran is what is recorded
     _check_protocol(storage, _protocol(base, cc))
     tuned = _tune_all(bench, cc, methods, storage, cc.storage is None, progress)
@@ -750,7 +751,7 @@ def _setting(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:
     keys = ("dataset", "backbone", "imbalance_ratio", "profile", "max_per_class", "test_per_class", "val_fraction",
             "image_size", "seed", "stage1_epochs", "stage1_lr", "head_type")
     return {**{k: getattr(base, k) for k in keys}, "trials": cc.trials, "seeds": cc.seeds, "max_epochs": cc.max_epochs,
-            "cv_folds": cc.cv_folds, "cv_repeats": cc.cv_repeats, "recipe_se": cc.recipe_se,
+            "cv_folds": cc.cv_folds, "cv_repeats": cc.cv_repeats, "recipe_se": cc.recipe_se, "rescore": cc.rescore,
             "sampler": "optuna TPE, seeded per trial",
             "sampler_seed": cc.sampler_seed, "selection": cc.selection}
 

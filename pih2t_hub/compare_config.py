@@ -39,9 +39,11 @@ class CompareConfig:
     cv_folds: int = _f(5, "folds of the stratified cross-validation that scores every trial on the pooled train "
                           "and validation rows (>= 2); 1: train on the train split, score on the validation split")
     cv_repeats: int | None = _f(None, "repeats of the cross-validation, each with its own deal of the rows into "
-                                      "folds (>= 1); each method's best trial and recipe are then re-scored on as "
-                                      "many fresh deals. Unset: 3 where the train split has a few-shot class "
-                                      "(under 20 images), else 1")
+                                      "folds (>= 1). Unset: 3 where the train split has a few-shot class (under "
+                                      "20 images), else 1")
+    rescore: bool = _f(False, "re-score each method's best trial and recipe on as many fresh deals and judge the "
+                              "recipe rule and the ranking there (removes the best trial's luck on its picking "
+                              "folds, at the price of ranking on fewer deals' worth of information)")
     recipe_se: float = _f(2.0, "the best trial replaces the published recipe only if its paired gain over it "
                                "across the cross-validation parts exceeds this many standard errors (>= 0; 0: the "
                                "best trial whenever it scores higher)")
@@ -79,5 +81,5 @@ class CompareConfig:
                    else ", 3 repeats with a few-shot tail")
         rule = (f"; the published recipe kept unless the best trial beats it by more than {self.recipe_se:g} "
                 f"standard errors" if self.recipe_se > 0 else "")
-        return (f"mean balanced accuracy of stratified {self.cv_folds}-fold cross-validation{repeats}, the best "
-                f"trial and the recipe re-scored on fresh deals{rule}")
+        fresh = ", the best trial and the recipe re-scored on fresh deals" if self.rescore else ""
+        return f"mean balanced accuracy of stratified {self.cv_folds}-fold cross-validation{repeats}{fresh}{rule}"

@@ -124,7 +124,7 @@ def test_report_schema_table_plot_and_best_model(two_runs) -> None:
     assert saved["schema"] == "pih2t_hub.compare/4" and saved["best"] in saved["methods"]
     assert saved["setting"]["cv_repeats"] == 3  # left unset, resolved from the few-shot tail, recorded as ran
     for row in saved["methods"].values():
-        assert row["rescored"] is True and row["selection"]["parts"] == 15
+        assert row["rescored"] is False and row["selection"]["parts"] == 15  # 5 folds x 3 repeats, no re-scoring
     for row in saved["methods"].values():
         for key in ("balanced", "few"):
             assert 0.0 <= row[key]["mean"] <= 1.0 and row[key]["std"] >= 0.0
@@ -185,17 +185,17 @@ def test_sigkill_resumes_without_repeating_finished_trials(tmp_path: Path) -> No
     report = json.loads((out / "comparison.json").read_text())
     assert report["methods"]["crt"]["trials"] == 5
     # the tuning time counts the killed run's trials too: the storage's own timestamps, summed here in SQL
-    # plus the seconds spent re-scoring the best trial and the recipe on fresh deals, kept with the study
+    # plus the seconds spent re-scoring on fresh deals (--rescore), kept with the study
     con = sqlite3.connect(db)
     spans = con.execute("select t.datetime_start, t.datetime_complete from trials t join studies s using(study_id) "
                         "where s.study_name = 'crt' and t.state = 'COMPLETE'").fetchall()
-    (rescoring,), = con.execute("select a.value_json from study_user_attributes a join studies s using(study_id) "
-                                "where s.study_name = 'crt' and a.key = 'rescore_seconds'").fetchall()
+    rescoring = con.execute("select a.value_json from study_user_attributes a join studies s using(study_id) "
+                            "where s.study_name = 'crt' and a.key = 'rescore_seconds'").fetchall()
     con.close()
     from datetime import datetime
 
     total = sum((datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds() for a, b in spans)
-    total += json.loads(rescoring)
+    total += sum(json.loads(value) for (value,) in rescoring)  # none without --rescore
     assert len(spans) == 5 and report["methods"]["crt"]["tuning_s"] == pytest.approx(total, abs=0.1)
     assert report["tuning_time_s"] == pytest.approx(total, abs=0.1) and total > 0
 
@@ -367,7 +367,8 @@ def test_bench_folds_partition_the_pooled_rows(tmp_path: Path) -> None:
     import torch
 
     base = RunConfig(**DATA, output_dir=str(tmp_path / "b")).validate()
-    bench = cmp.Bench(base, seeds=1, progress=False, cv_folds=3, cv_repeats=None)
+    assert cmp.Bench(base, seeds=1, progress=False, cv_folds=3, cv_repeats=1).rescore_parts == []  # opt-in
+    bench = cmp.Bench(base, seeds=1, progress=False, cv_folds=3, cv_repeats=None, rescore=True)
     feats = bench.ctx.features
     pooled_x = torch.cat([feats["train"].tensors[0], feats["val"].tensors[0]])
     pooled_y = torch.cat([feats["train"].tensors[1], feats["val"].tensors[1]])
