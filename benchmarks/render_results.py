@@ -83,12 +83,12 @@ def render() -> str:
                   "picked it minus on the fresh deals (points, mean over the methods with several trials), beside "
                   "the same difference for the methods with one trial, which picked nothing (deals differ in "
                   "difficulty): the gap is the winner's luck that re-scoring takes out of the selection score:", ""]
-        earlier = [(f"{NAMES.get(s, s)}, {px} px, {_protocol_label(r)}", r)
-                   for s, px, r in _reports(RESULTS / EARLIER)]
-        lines += _selection_quality([(f"{NAMES.get(s, s)}, {px} px", r) for s, px, r in cv] + earlier)
-        if earlier:
+        others = [(f"{NAMES.get(s, s)}, {px} px, {_protocol_label(r)}", r)
+                  for s, px, r in _reports(RESULTS / OTHER_PROTOCOLS)]
+        lines += _selection_quality([(f"{NAMES.get(s, s)}, {px} px", r) for s, px, r in cv] + others)
+        if others:
             lines += ["", f"Rows naming a protocol: the same setting compared with another protocol "
-                      f"(`benchmarks/results/{EARLIER}/`): one cross-validation deal instead of three where the tail "
+                      f"(`benchmarks/results/{OTHER_PROTOCOLS}/`): one cross-validation deal instead of three where the tail "
                       "is few-shot, a recipe rule of one standard error instead of two, or `--rescore` (every "
                       "method's best trial and recipe re-scored on fresh deals, where the recipe rule and the ranking "
                       "are then judged). The rows above use the committed comparisons' protocol, the default."]
@@ -124,7 +124,7 @@ def render() -> str:
 
 
 # The folder of ``benchmarks/results/`` that keeps the same settings compared with another protocol, for the record.
-EARLIER = "other_protocols"
+OTHER_PROTOCOLS = "other_protocols"
 
 
 def _verdicts(reports: list[tuple[str, int, dict]]) -> list[str]:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_write_text
-from .compare_config import CompareConfig
+from .compare_config import FEW_SHOT_REPEATS, CompareConfig
 from .methods import fusion_methods, get_method, list_methods
 from .training.config import RunConfig
 from .training.predict import SUMMARY_KEYS, summarize
@@ -240,14 +240,15 @@ class Bench:
 
     def score(self, cand: Candidate, overrides: dict[str, Any]) -> list[float]:
         """Balanced accuracy on the scored rows of every cross-validation part (what a trial is tuned on)."""
-        return [self.fit(cand, overrides, part)[1]["balanced"] for part in self.folds]
+        return self._balanced(cand, overrides, self.folds)
 
     def rescore(self, cand: Candidate, overrides: dict[str, Any]) -> list[float] | None:
         """Balanced accuracy on the scored rows of every re-scoring part: fresh deals of the same pooled rows, which
         no trial was chosen on. None without ``--rescore``, and with ``--cv-folds 1`` (no other validation data)."""
-        if not self.rescore_parts:
-            return None
-        return [self.fit(cand, overrides, part)[1]["balanced"] for part in self.rescore_parts]
+        return self._balanced(cand, overrides, self.rescore_parts) if self.rescore_parts else None
+
+    def _balanced(self, cand: Candidate, overrides: dict[str, Any], parts: list[Part]) -> list[float]:
+        return [self.fit(cand, overrides, part)[1]["balanced"] for part in parts]
 
     def test_metrics(self, model: Any) -> dict[str, Any]:
         """The only place the test split is read (its features are extracted on the first call)."""
@@ -257,11 +258,6 @@ class Bench:
             extract_features(self.ctx, ("test",))
         self.test_evaluations += 1
         return self.ctx.eval_head(model.classifier, "test")
-
-
-#: cross-validation repeats of a comparison whose train split has a few-shot class (and of the re-scoring): one deal
-#: of such a class's few images into folds ranks configurations mostly by which image lands where
-FEW_SHOT_REPEATS = 3
 
 
 def auto_repeats(class_counts: Iterable[int]) -> int:
@@ -431,7 +427,8 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
         study.optimize(objective, n_trials=remaining, callbacks=[enough, progress])
     top = _best_within_budget(study, budget)
     recipe = _recipe_trial(study)
-    rescored = _rescore(study, bench, cand, [top, recipe])
+    # without --rescore, fresh scores a --rescore run left in the study are not read
+    rescored = _rescore(study, bench, cand, [top, recipe]) if cc.rescore else None
     scores = (lambda t: rescored[t.number]) if rescored else _tuning_scores  # noqa: E731
     gain = _paired_gain(scores(top), scores(recipe)) if recipe is not None and top.number != recipe.number else None
     keep = gain is not None and not gain["mean"] > cc.recipe_se * gain["se"]
@@ -443,7 +440,8 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
             "best_trial_selection": _spread(_tuning_scores(top)),
             "best_trial_rescored": _spread(scores(top)) if rescored else None, "rescored": rescored is not None,
             "gain_over_recipe": gain, "recipe_kept": keep, "resumed_trials": len(done),
-            "trial_seconds": round(_trial_seconds(study) + study.user_attrs.get("rescore_seconds", 0.0), 1)}
+            "trial_seconds": round(_trial_seconds(study)
+                                   + (study.user_attrs.get("rescore_seconds", 0.0) if rescored else 0.0), 1)}
 
 
 def _rescore(study: Any, bench: Bench, cand: Candidate, trials: list[Any]) -> dict[int, list[float]] | None:
@@ -456,18 +454,19 @@ def _rescore(study: Any, bench: Bench, cand: Candidate, trials: list[Any]) -> di
     """
     import optuna
 
-    cls, out = get_method(cand.method), {}
+    cls, stored, out = get_method(cand.method), study.user_attrs, {}  # one read of the storage
     for trial in {t.number: t for t in trials if t is not None}.values():
         key = f"rescore_{trial.number}"
-        if key not in study.user_attrs:
+        if key not in stored:
             start = time.perf_counter()
             found = bench.rescore(cand, cls.search_space(optuna.trial.FixedTrial(trial.params)))
             if found is None:
                 return None
+            stored[key] = found
+            stored["rescore_seconds"] = stored.get("rescore_seconds", 0.0) + time.perf_counter() - start
             study.set_user_attr(key, found)
-            spent = study.user_attrs.get("rescore_seconds", 0.0) + time.perf_counter() - start
-            study.set_user_attr("rescore_seconds", spent)
-        out[trial.number] = list(study.user_attrs[key])
+            study.set_user_attr("rescore_seconds", stored["rescore_seconds"])
+        out[trial.number] = list(stored[key])
     return out
 
 

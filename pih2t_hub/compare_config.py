@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CompareConfig", "RUN_FIELDS_SET_BY_COMPARISON", "FIXED_RUN_VALUES"]
+__all__ = ["CompareConfig", "RUN_FIELDS_SET_BY_COMPARISON", "FIXED_RUN_VALUES", "FEW_SHOT_REPEATS"]
+
+#: cross-validation repeats when ``--cv-repeats`` is unset and the train split has a few-shot class: one deal of
+#: such a class's few images into folds ranks configurations mostly by which image lands where
+FEW_SHOT_REPEATS = 3
 
 #: RunConfig fields the comparison decides itself (each method's recipe and search space, one shared linear stage 1
 #: on cached features, no checkpoints or Hub upload; it always resumes from its study and takes over the lock of a
@@ -39,8 +43,8 @@ class CompareConfig:
     cv_folds: int = _f(5, "folds of the stratified cross-validation that scores every trial on the pooled train "
                           "and validation rows (>= 2); 1: train on the train split, score on the validation split")
     cv_repeats: int | None = _f(None, "repeats of the cross-validation, each with its own deal of the rows into "
-                                      "folds (>= 1). Unset: 3 where the train split has a few-shot class (under "
-                                      "20 images), else 1")
+                                      f"folds (>= 1). Unset: {FEW_SHOT_REPEATS} where the train split has a "
+                                      "few-shot class (under 20 images), else 1")
     rescore: bool = _f(False, "re-score each method's best trial and recipe on as many fresh deals and judge the "
                               "recipe rule and the ranking there (removes the best trial's luck on its picking "
                               "folds, at the price of ranking on fewer deals' worth of information)")
@@ -78,7 +82,7 @@ class CompareConfig:
         if self.cv_folds == 1:
             return "balanced accuracy on the validation split"
         repeats = ("" if self.cv_repeats == 1 else f", {self.cv_repeats} repeats" if self.cv_repeats
-                   else ", 3 repeats with a few-shot tail")
+                   else f", {FEW_SHOT_REPEATS} repeats with a few-shot tail")
         rule = (f"; the published recipe kept unless the best trial beats it by more than {self.recipe_se:g} "
                 f"standard errors" if self.recipe_se > 0 else "")
         fresh = ", the best trial and the recipe re-scored on fresh deals" if self.rescore else ""

@@ -323,7 +323,7 @@ def test_best_trial_and_recipe_are_judged_on_fresh_deals(k: float, kept: bool, t
     import statistics
 
     pytest.importorskip("optuna")
-    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=3, seeds=1, cv_folds=4, recipe_se=k)
+    cc = cmp.CompareConfig(methods=["logit_adjusted"], trials=3, seeds=1, cv_folds=4, recipe_se=k, rescore=True)
     tuning = {1: [0.5] * 4, 2: [0.9] * 4, 3: [0.6] * 4}  # trial 1 is the recipe (τ = 1), trial 2 the best
     recipe_fresh, best_fresh = [0.60, 0.50, 0.70, 0.40], [0.61, 0.50, 0.70, 0.41]
     fresh = lambda o: recipe_fresh if o["loss_kwargs"]["tau"] == 1.0 else best_fresh  # noqa: E731
@@ -346,11 +346,17 @@ def test_best_trial_and_recipe_are_judged_on_fresh_deals(k: float, kept: bool, t
         **out, "resumed_trials": 3}
     assert again.calls == 0 and again.rescored == []
 
+    # resumed without --rescore: the fresh scores left in the study are not read, the tuning parts judge
+    plain = cmp.tune(_ScoreBench(tuning.__getitem__, fresh=fresh), cmp.Candidate("logit_adjusted", "logit_adjusted"),
+                     dataclasses.replace(cc, rescore=False), storage)
+    assert plain["rescored"] is False and plain["best_trial_rescored"] is None
+    assert plain["recipe_selection"]["mean"] == pytest.approx(0.5) and plain["best_val"] == pytest.approx(0.9)
+
 
 def test_a_method_with_one_trial_is_scored_on_the_same_fresh_deals(tmp_path: Path) -> None:
     """Every method's selection score comes from the same parts (deals differ in difficulty), one trial or many."""
     pytest.importorskip("optuna")
-    cc = cmp.CompareConfig(methods=["ncm"], trials=5, seeds=1, cv_folds=4)
+    cc = cmp.CompareConfig(methods=["ncm"], trials=5, seeds=1, cv_folds=4, rescore=True)
     bench = _ScoreBench(lambda n: [0.4, 0.5, 0.6, 0.7], fresh=lambda o: [0.3, 0.4, 0.5, 0.6])
     out = cmp.tune(bench, cmp.Candidate("ncm", "ncm"), cc, cmp._open_storage(f"sqlite:///{tmp_path / 's.db'}"))
     assert bench.calls == 1 and len(bench.rescored) == 1 and out["rescored"] is True  # one configuration, once
