@@ -15,7 +15,7 @@ Resolutions: 64 px for all, 128 px for A and C (the resolution changes the featu
 wins). Run::
 
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-    nice -n 19 python benchmarks/accuracy_longtail.py --settings digits,C --sizes 64
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/accuracy_longtail.py --settings digits,C --sizes 64 --jobs 2
     python benchmarks/render_results.py      # regenerates the README table from the JSON files
 
 Writes ``benchmarks/results/compare_<setting>_<size>.json`` (the comparison report: per method the tuned and
@@ -123,7 +123,7 @@ def run_setting(name: str, size: int, args: argparse.Namespace, memo: EncodeMemo
                      cache_dir=str(Path(args.workdir) / "features" / f"{name}_{size}"))
     methods = args.methods.split(",") if args.methods else None
     cc = CompareConfig(methods=methods, trials=args.trials, seeds=args.seeds, max_epochs=args.max_epochs,
-                       cv_folds=args.cv_folds, cv_repeats=args.cv_repeats, rescore=args.rescore,
+                       cv_folds=args.cv_folds, cv_repeats=args.cv_repeats, rescore=args.rescore, jobs=args.jobs,
                        progress=not args.no_progress)
     start = time.perf_counter()
     report = compare(base, cc, progress=not args.no_progress)
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with a few-shot tail, else 1)")
     parser.add_argument("--rescore", action="store_true", help="re-score every method's best trial and recipe on "
                         "fresh deals (the comparison's --rescore)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes fitting a trial's parts side by side "
+                        "(the comparison's --jobs; scores do not depend on it)")
     parser.add_argument("--workdir", default="/tmp/pih2t_accuracy", help="studies, caches and the encode memo")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

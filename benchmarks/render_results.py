@@ -83,7 +83,8 @@ def render() -> str:
                   "picked it minus on the fresh deals (points, mean over the methods with several trials), beside "
                   "the same difference for the methods with one trial, which picked nothing (deals differ in "
                   "difficulty): the gap is the winner's luck that re-scoring takes out of the selection score:", ""]
-        others = [(f"{NAMES.get(s, s)}, {px} px, {_protocol_label(r)}", r)
+        main = {(s, px): r for s, px, r in cv}
+        others = [(f"{NAMES.get(s, s)}, {px} px, {_protocol_label(r, main.get((s, px)))}", r)
                   for s, px, r in _reports(RESULTS / OTHER_PROTOCOLS)]
         lines += _selection_quality([(f"{NAMES.get(s, s)}, {px} px", r) for s, px, r in cv] + others)
         if others:
@@ -91,7 +92,9 @@ def render() -> str:
                       f"(`benchmarks/results/{OTHER_PROTOCOLS}/`): one cross-validation deal instead of three where the tail "
                       "is few-shot, a recipe rule of one standard error instead of two, or `--rescore` (every "
                       "method's best trial and recipe re-scored on fresh deals, where the recipe rule and the ranking "
-                      "are then judged). The rows above use the committed comparisons' protocol, the default."]
+                      "are then judged); a row naming its processes is the committed protocol run with another "
+                      "`--jobs` (the same scores: only the time differs). The rows above use the committed "
+                      "comparisons' protocol, the default."]
     lines += ["", "The verdict per comparison (test balanced accuracy %, mean over seeds, and rank among all rows on "
               "test; the chosen method and the best baseline are picked on the selection score, never on test; "
               "DLSA's minutes: its fits for the selection score / for the final models):", ""]
@@ -102,10 +105,11 @@ def render() -> str:
     lines += ["", "Wall time is that of the run that wrote the JSON; an interrupted comparison resumes its finished "
               "Optuna trials from storage, so a resumed run's wall time excludes them. Tuning time is the sum of "
               "every trial's duration from the storage's timestamps (all runs; recorded since `tuning_time_s` was "
-              "added to the schema, \"—\" before).", "",
-              "| setting | selection | trials per method | seeds | best baseline (selection) | not run | wall time | "
-              "tuning time | final retraining |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "added to the schema, \"—\" before), DLSA's share beside it. Processes: the worker processes that fitted "
+              "a trial's cross-validation parts side by side (`--jobs`; the scores do not depend on it).", "",
+              "| setting | selection | trials per method | seeds | best baseline (selection) | not run | processes | "
+              "wall time | tuning time (DLSA) | final retraining |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     every = {m for *_, r in reports for m in r["methods"]}
     for s, px, r in reports:
         st = r["setting"]
@@ -116,10 +120,12 @@ def render() -> str:
         repeats = f" × {st['cv_repeats']} repeats" if st.get("cv_repeats", 1) > 1 else ""
         rescored = ", re-scored" if _rescored(r) else ""
         how = f"{folds}-fold CV{repeats}{rescored}{rule}" if folds > 1 else "validation split"
+        dlsa = r["methods"].get("dlsa", {}).get("tuning_s")
+        share = f" ({_minutes(dlsa)})" if dlsa is not None and r.get("tuning_time_s") is not None else ""
         lines.append(f"| {NAMES.get(s, s)}, {px} px | {how} | {st['trials']} | {st['seeds']} | "
-                     f"`{r['best_baseline']}` | {missing} | {r['benchmark']['wall_time_s'] / 60:.1f} min "
-                     f"({r['benchmark']['machine'].get('cpus', '?')} CPUs) | {_minutes(r.get('tuning_time_s'))} | "
-                     f"{_minutes(r.get('final_time_s'))} |")
+                     f"`{r['best_baseline']}` | {missing} | {st.get('jobs', 1)} | "
+                     f"{r['benchmark']['wall_time_s'] / 60:.1f} min ({r['benchmark']['machine'].get('cpus', '?')} "
+                     f"CPUs) | {_minutes(r.get('tuning_time_s'))}{share} | {_minutes(r.get('final_time_s'))} |")
     return "\n".join(lines)
 
 
@@ -150,11 +156,15 @@ def _verdicts(reports: list[tuple[str, int, dict]]) -> list[str]:
     return lines
 
 
-def _protocol_label(report: dict) -> str:
-    """A comparison's protocol in words: its repeats, and its recipe rule and re-scoring where not the default's."""
+def _protocol_label(report: dict, main: dict | None = None) -> str:
+    """A comparison's protocol in words: its repeats, and its recipe rule and re-scoring where not the default's.
+    A run of the committed comparison's (``main``) very protocol with another ``--jobs`` is named by its processes."""
     st = report["setting"]
     repeats = st.get("cv_repeats", 1)
     words = [f"{repeats} repeat{'s' if repeats > 1 else ''}"]
+    jobs = st.get("jobs", 1)
+    if main is not None and main["setting"].get("jobs", 1) != jobs and _protocol_label(main) == _protocol_label(report):
+        words.append("one process" if jobs == 1 else f"{jobs} processes")
     if st.get("recipe_se", 2) != 2:
         words.append(f"recipe rule {st['recipe_se']:g} SE")
     if _rescored(report):

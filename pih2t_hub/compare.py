@@ -27,7 +27,8 @@ One feature cache, many methods, the same rules for all:
    stage 1 on the train split, in-fit choices such as the best epoch on the validation split) and evaluated on
    test once per (method, seed);
 5. "X + H2T" and "X + PI-H2T" take the best loss X (chosen on the selection score) with X's tuned loss arguments
-   fixed and get the same budget over the fusion method's own space.
+   fixed and get the same budget over the fusion method's own space, unless a compared method already is that
+   combination (``h2t_bsm``).
 
 Studies live in an Optuna RDB storage (SQLite in the output folder by default, any URL with ``--storage``), so an
 interrupted comparison resumes where it stopped, and ends with the same table as one run straight through;
@@ -121,12 +122,15 @@ class Bench:
     trial; the final retraining on the train / validation split, and the only read of the test split."""
 
     def __init__(self, base: RunConfig, seeds: int, progress: bool = True, max_epochs: int | None = None,
-                 cv_folds: int = 1, cv_repeats: int | None = 1, rescore: bool = False) -> None:
+                 cv_folds: int = 1, cv_repeats: int | None = 1, rescore: bool = False, jobs: int = 1) -> None:
+        from .compare_workers import check_jobs
         from .training.cache import extract_features
         from .training.run import build_context, load_data, start_accelerator
 
         self.base = base  # stage-2 values stay unset: each method resolves its own recipe
         self.accelerator, _ = start_accelerator(base)
+        self.jobs = check_jobs(jobs, self.accelerator.device.type)  # before any data is read
+        self._pool: Any = None  # forked on the first score that needs it, once every stage-1 head is trained
         self.data = load_data(self.base)  # the run's steps: its splits, its model (initial head included)
         pooled = len(self.data["train"]) + len(self.data["val"])
         if cv_folds > pooled:
@@ -240,15 +244,32 @@ class Bench:
 
     def score(self, cand: Candidate, overrides: dict[str, Any]) -> list[float]:
         """Balanced accuracy on the scored rows of every cross-validation part (what a trial is tuned on)."""
-        return self._balanced(cand, overrides, self.folds)
+        return self._balanced(cand, overrides, "folds")
 
     def rescore(self, cand: Candidate, overrides: dict[str, Any]) -> list[float] | None:
         """Balanced accuracy on the scored rows of every re-scoring part: fresh deals of the same pooled rows, which
         no trial was chosen on. None without ``--rescore``, and with ``--cv-folds 1`` (no other validation data)."""
-        return self._balanced(cand, overrides, self.rescore_parts) if self.rescore_parts else None
+        return self._balanced(cand, overrides, "rescore_parts") if self.rescore_parts else None
 
-    def _balanced(self, cand: Candidate, overrides: dict[str, Any], parts: list[Part]) -> list[float]:
-        return [self.fit(cand, overrides, part)[1]["balanced"] for part in parts]
+    def _balanced(self, cand: Candidate, overrides: dict[str, Any], which: str) -> list[float]:
+        """The scores of the parts in ``getattr(self, which)``, in order: here, or side by side in ``jobs`` forked
+        workers (each fit seeds itself from its part, so where it runs does not change what it computes)."""
+        parts = getattr(self, which)
+        if self.jobs == 1 or len(parts) == 1:
+            return [self.fit(cand, overrides, part)[1]["balanced"] for part in parts]
+        if self._pool is None:
+            from .compare_workers import PartPool
+
+            for part in self.folds + self.rescore_parts:  # trained once here, not once per worker
+                self._stage1_head(part)
+            self._pool = PartPool(self, self.jobs)
+        return self._pool.scores(cand, overrides, which, range(len(parts)))
+
+    def close(self) -> None:
+        """Stop the worker processes (if any were forked)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def test_metrics(self, model: Any) -> dict[str, Any]:
         """The only place the test split is read (its features are extracted on the first call)."""
@@ -284,16 +305,30 @@ def _merge(cfg: RunConfig, *layers: dict[str, Any]) -> RunConfig:
 
 
 class _Probe:
-    """Answers every suggestion with its lower bound: tells whether a search space is empty."""
+    """Answers every suggestion with its lower bound and records what it was asked: tells whether a search space is
+    empty, and whether two methods search the same space."""
 
-    def suggest_float(self, name: str, low: float, high: float, **_: Any) -> float:
+    def __init__(self) -> None:
+        self.asked: list[tuple] = []
+
+    def suggest_float(self, name: str, low: float, high: float, **kw: Any) -> float:
+        self.asked.append(("float", name, low, high, sorted(kw.items())))
         return low
 
-    def suggest_int(self, name: str, low: int, high: int, **_: Any) -> int:
+    def suggest_int(self, name: str, low: int, high: int, **kw: Any) -> int:
+        self.asked.append(("int", name, low, high, sorted(kw.items())))
         return low
 
     def suggest_categorical(self, name: str, choices: list) -> Any:
+        self.asked.append(("categorical", name, list(choices)))
         return choices[0]
+
+
+def _space(method: str) -> list[tuple]:
+    """What the method's search space asks of a trial, in order."""
+    probe = _Probe()
+    get_method(method).search_space(probe)
+    return probe.asked
 
 
 def _default_trial(cand: Candidate, base: RunConfig) -> dict[str, Any]:
@@ -356,8 +391,9 @@ def _enqueue_recipe(study: Any, cand: Candidate, base: RunConfig) -> None:
 
 def _protocol(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:
     """What a trial's score depends on: the data, the backbone, the folds and repeats, the sampler. Not the budget,
-    the final seeds or the recipe rule, which a resumed comparison may change without invalidating a trial."""
-    skip = ("trials", "seeds", "recipe_se", "rescore", "selection")
+    the final seeds, the recipe rule or the worker count, which a resumed comparison may change without
+    invalidating a trial."""
+    skip = ("trials", "seeds", "recipe_se", "rescore", "selection", "jobs")
     return {k: v for k, v in _setting(base, cc).items() if k not in skip}
 
 
@@ -379,7 +415,9 @@ def _open_study(cand: Candidate, cc: CompareConfig, storage: Any, exclusive: boo
                 protocol: dict[str, Any] | None = None) -> Any:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
+    # the progress bar reports trials; a failed trial's error (Ctrl-C included) propagates and is reported once,
+    # by the command line, not also as Optuna's warning with its traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name=cand.label, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=_trial_seeded_tpe(cc.sampler_seed))
     if protocol is not None and "protocol" not in study.user_attrs:
@@ -403,7 +441,7 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
     import optuna
 
     cls = get_method(cand.method)
-    budget = cc.trials if cls.search_space(_Probe()) else 1
+    budget = cc.trials if _space(cand.method) else 1
     study = _open_study(cand, cc, storage, exclusive, _protocol(bench.base, cc))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     _enqueue_recipe(study, cand, bench.base)
@@ -561,13 +599,27 @@ def _best_loss_method(tuned: dict[str, dict[str, Any]]) -> str | None:
     return max(losses, key=lambda label: tuned[label]["best_val"]) if losses else None
 
 
-def _combos(tuned: dict[str, dict[str, Any]], methods: Iterable[str]) -> list[Candidate]:
+def _combos(bench: Bench, tuned: dict[str, dict[str, Any]], methods: Iterable[str]) -> list[Candidate]:
+    """"F + X" for every fusion method F compared and the best loss X, except where a compared method already is
+    that combination (H2T with balanced softmax is ``h2t_bsm``): the same recipe over the same search space would
+    run the same study again and count one configuration as two rows."""
     x = _best_loss_method(tuned)
     if x is None:
         return []
     cls = get_method(tuned[x]["candidate"].method)
     fixed = {"loss": cls.loss, "loss_kwargs": {**cls.loss_kwargs, **tuned[x]["overrides"].get("loss_kwargs", {})}}
-    return [Candidate(f"{get_method(f).name}+{x}", f, fixed) for f in fusion_methods() if f in methods]
+    combos = [Candidate(f"{get_method(f).name}+{x}", f, fixed) for f in fusion_methods() if f in methods]
+    return [c for c in combos if _same_study(bench, c, [t["candidate"] for t in tuned.values()]) is None]
+
+
+def _same_study(bench: Bench, cand: Candidate, others: list[Candidate]) -> str | None:
+    """The label of another candidate whose study would be this one's: the same resolved recipe (its method's name
+    aside) and the same search space."""
+    def recipe(c: Candidate) -> RunConfig:
+        return dataclasses.replace(bench.config_for(c, {}, bench.base.seed), method="")
+
+    mine = recipe(cand)
+    return next((o.label for o in others if _space(o.method) == _space(cand.method) and recipe(o) == mine), None)
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -692,7 +744,10 @@ def _tune_all(bench: Bench, cc: CompareConfig, methods: list[str], storage: Any,
     from ._progress import progress_bar as tqdm  # live on a terminal, one line in a log
 
     cands = [Candidate(get_method(m).name, m) for m in methods]
-    bar = tqdm(total=cc.trials * (len(cands) + 2 * cc.combos), desc="trials", disable=not progress)
+    budget = lambda method: cc.trials if _space(method) else 1  # noqa: E731 - nothing to tune: one trial
+    fusions = [m for m in fusion_methods() if m in methods] if cc.combos else []
+    bar = tqdm(total=sum(budget(m) for m in methods) + sum(budget(m) for m in fusions), desc="trials",
+               disable=not progress)
     tuned: dict[str, dict[str, Any]] = {}
 
     def run(c: Candidate) -> None:
@@ -702,7 +757,11 @@ def _tune_all(bench: Bench, cc: CompareConfig, methods: list[str], storage: Any,
 
     for c in cands:
         run(c)
-    for c in _combos(tuned, methods) if cc.combos else []:
+    combos = _combos(bench, tuned, methods) if cc.combos else []
+    if bar is not None and len(combos) < len(fusions):  # a combination that is a compared method is not run
+        bar.total = bar.n + sum(budget(c.method) for c in combos)
+        bar.refresh()
+    for c in combos:
         run(c)
     bar.close()
     return tuned
@@ -714,10 +773,13 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     start = time.perf_counter()
     storage = _open_storage(cc.storage_url(base.output_dir))
     bench = Bench(base, cc.seeds, progress=progress, max_epochs=cc.max_epochs, cv_folds=cc.cv_folds,
-                  cv_repeats=cc.cv_repeats, rescore=cc.rescore)
+                  cv_repeats=cc.cv_repeats, rescore=cc.rescore, jobs=cc.jobs)
     cc = dataclasses.replace(cc, cv_repeats=bench.cv_repeats)  # what ran is what is recorded
     _check_protocol(storage, _protocol(base, cc))
-    tuned = _tune_all(bench, cc, methods, storage, cc.storage is None, progress)
+    try:
+        tuned = _tune_all(bench, cc, methods, storage, cc.storage is None, progress)
+    finally:
+        bench.close()
     rows, models = {}, {}
     final_start = time.perf_counter()
     bar = tqdm(total=2 * cc.seeds * len(tuned), desc="final retraining", disable=not progress)
@@ -752,7 +814,7 @@ def _setting(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:
     return {**{k: getattr(base, k) for k in keys}, "trials": cc.trials, "seeds": cc.seeds, "max_epochs": cc.max_epochs,
             "cv_folds": cc.cv_folds, "cv_repeats": cc.cv_repeats, "recipe_se": cc.recipe_se, "rescore": cc.rescore,
             "sampler": "optuna TPE, seeded per trial",
-            "sampler_seed": cc.sampler_seed, "selection": cc.selection}
+            "sampler_seed": cc.sampler_seed, "selection": cc.selection, "jobs": cc.jobs}
 
 
 def main(argv: list[str] | None = None) -> int:

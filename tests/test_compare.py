@@ -207,6 +207,8 @@ def test_sigkill_resumes_without_repeating_finished_trials(tmp_path: Path) -> No
     (["--cv-folds", "0"], "--cv-folds must be >= 2"),
     (["--cv-folds", "-3"], "--cv-folds must be >= 2"),
     (["--cv-repeats", "0"], "--cv-repeats must be >= 1"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--jobs", "two"], "argument --jobs: invalid int value: 'two'"),
     (["--recipe-se", "-1"], "--recipe-se must be a number >= 0, got -1"),
     (["--recipe-se", "nan"], "--recipe-se must be a number >= 0, got nan"),
     (["--dataset", "./no/such/folder"], "dataset path './no/such/folder' does not exist"),
@@ -401,6 +403,58 @@ def test_bench_folds_partition_the_pooled_rows(tmp_path: Path) -> None:
     assert "test" not in feats  # building the folds never read the test split
 
 
+class _Configs:
+    """The part of the bench that resolves a candidate's run config, without data."""
+
+    base, max_epochs = RunConfig(**DATA).validate(), None
+    config_for = cmp.Bench.config_for
+
+
+@pytest.mark.parametrize("best_loss, expected", [
+    ("balanced_softmax", ["pi-h2t+balanced_softmax"]),  # H2T with balanced softmax is the compared h2t_bsm
+    ("focal", ["h2t+focal", "pi-h2t+focal"]),
+])
+def test_a_combination_that_is_a_compared_method_is_not_tuned_twice(best_loss: str, expected: list[str]) -> None:
+    methods = ["ce", "focal", "balanced_softmax", "h2t", "pi-h2t", "h2t_bsm"]
+    tuned = {m: {"candidate": cmp.Candidate(m, m), "overrides": {}, "best_val": 0.9 if m == best_loss else 0.5}
+             for m in methods}
+    assert [c.label for c in cmp._combos(_Configs(), tuned, methods)] == expected
+    # without h2t_bsm among the compared methods, H2T with balanced softmax is a row of its own
+    del tuned["h2t_bsm"]
+    assert len(cmp._combos(_Configs(), tuned, methods[:-1])) == 2
+
+
+def test_parts_fitted_in_worker_processes_score_as_in_one_process(tmp_path: Path) -> None:
+    import psutil
+    import torch
+
+    from pih2t_hub.compare_workers import check_jobs
+
+    base = RunConfig(**{**DATA, "stage1_epochs": 8}, output_dir=str(tmp_path / "b")).validate()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's thread count: the same arithmetic in both
+    try:
+        one = cmp.Bench(base, seeds=1, progress=False, cv_folds=3)
+        two = cmp.Bench(base, seeds=1, progress=False, cv_folds=3, jobs=2)
+        got, before = {}, set(psutil.Process().children())
+        for method, overrides in [("logit_adjusted", {"loss_kwargs": {"tau": 1.0}}),
+                                  ("logit_adjusted", {"loss_kwargs": {"tau": 2.0}, "stage2_epochs": 5}), ("lws", {})]:
+            cand = cmp.Candidate(method, method)
+            got[method, str(overrides)] = two.score(cand, overrides)
+            assert got[method, str(overrides)] == one.score(cand, overrides)  # bitwise, part by part, in order
+        assert len({s for scores in got.values() for s in scores}) > 3  # scores that could tell a mix-up
+        workers = [w for w in psutil.Process().children() if w not in before]
+        assert len(workers) == 2 and all(w.cmdline() == psutil.Process().cmdline() for w in workers)  # forked
+        two.close()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="--jobs 2 forks CPU worker processes, which cannot share a cuda device"):
+        check_jobs(2, "cuda")
+    assert check_jobs(1, "cuda") == 1
+
+
 def test_a_fold_is_scored_on_its_validation_part_not_on_the_rows_that_chose_its_epoch(tmp_path: Path) -> None:
     import torch
 
@@ -430,25 +484,54 @@ def _table(out: Path) -> str:
 
 
 def test_sigkill_mid_study_then_restart_gives_the_straight_through_table(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """The killed run fits its parts in two worker processes, the others in one: the table is the same, and the
+    workers do not outlive their killed parent."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # workers run one thread each
     straight = subprocess.run(_argv(tmp_path / "straight"), cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_argv(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_argv(out, "--jobs", "2"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     db = out / "study.db"
     deadline = time.monotonic() + 300
     # kill inside the second study, after its recipe trial: the sampler's draws are what a restart used to change
     while len(_complete(db, "logit_adjusted")) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2  # forked for the first study, kept for the others
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "worker processes outlived the killed comparison"
     assert 2 <= len(_complete(db, "logit_adjusted")) < 4
     resumed = subprocess.run(_argv(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming: 4 trials done (crt)" in resumed.stderr
     assert "resuming: " in resumed.stderr.split("(crt)")[1]
     assert _table(out) == _table(tmp_path / "straight")
+
+
+def test_ctrl_c_with_worker_processes_is_one_line_and_stops_them(tmp_path: Path) -> None:
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_argv(tmp_path / "c", "--jobs", "2"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, workers = time.monotonic() + 300, []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted: rerun the same command to resume from the Optuna storage"
+    assert "Traceback" not in err
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
 
 
 def test_help_is_quick_lists_groups_and_choices_and_imports_no_torch() -> None:
