@@ -27,7 +27,7 @@ LAYERS = {
 
 
 #: Top-level modules that are one part with another: the comparison's light config and its command line.
-PART_OF = {"compare_cli": "compare", "compare_config": "compare"}
+PART_OF = {"compare_cli": "compare", "compare_config": "compare", "compare_workers": "compare"}
 
 
 def _part(module: str) -> str:
