@@ -49,7 +49,7 @@ def _start_worker(parent: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # N workers, N cores: more threads per worker would only contend
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report (one line), and it stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (inherited already) Ctrl-C is the parent's to report, once
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
@@ -68,6 +68,16 @@ class PartPool:
         context = multiprocessing.get_context("fork")
         self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
                                          initargs=(os.getpid(),))
+        # fork every worker now, ignoring Ctrl-C from birth: one pressed while a worker starts up would otherwise
+        # print its traceback (a forking executor starts all its workers on its first submit, in this thread); one
+        # pressed in that instant is dropped
+        main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self._pool.submit(int)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
     def scores(self, cand: Any, overrides: dict[str, Any], which: str, indices: Sequence[int]) -> list[float]:
         """Balanced accuracy of the candidate with ``overrides`` on ``getattr(bench, which)[i]`` for each index."""

@@ -521,8 +521,15 @@ def test_ctrl_c_with_worker_processes_is_one_line_and_stops_them(tmp_path: Path)
     proc = subprocess.Popen(_argv(tmp_path / "c", "--jobs", "2"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, workers = time.monotonic() + 300, []
-    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
+
+    def ignores_sigint(pid: int) -> bool:  # the kernel's view: bit 2 - 1 of the SigIgn mask
+        status = Path(f"/proc/{pid}/status").read_text()
+        return bool(int(status.split("SigIgn:")[1].split()[0], 16) & (1 << (signal.SIGINT - 1)))
+
+    # wait for both workers and for the parent to take its Ctrl-C back (it ignores it while forking them)
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            len(workers) == 2 and all(ignores_sigint(w.pid) for w in workers) and not ignores_sigint(proc.pid)):
+        time.sleep(0.05)
         workers = psutil.Process(proc.pid).children()
     assert len(workers) == 2
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole foreground group
