@@ -44,7 +44,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -257,13 +257,26 @@ class Bench:
         parts = getattr(self, which)
         if self.jobs == 1 or len(parts) == 1:
             return [self.fit(cand, overrides, part)[1]["balanced"] for part in parts]
+        return self._workers().scores(cand, overrides, which, range(len(parts)))
+
+    def final_fits(self, cand: Candidate, overrides: dict[str, Any],
+                   seeds: int) -> Iterator[tuple[Any, dict[str, float], dict]]:
+        """The final retraining's fits of seeds 0 .. seeds-1, in order (model, validation metrics, extra): here, or
+        side by side in the workers (the models come back; the test split is read only here)."""
+        if self.jobs == 1 or seeds == 1:
+            return (self.fit(cand, overrides, self.final[seed]) for seed in range(seeds))
+        return self._workers().fits(cand, overrides, "final", range(seeds))
+
+    def _workers(self) -> Any:
+        """The worker processes, forked on first use once every part's stage-1 head is trained (here, once, not
+        once per worker)."""
         if self._pool is None:
             from .compare_workers import PartPool
 
-            for part in self.folds + self.rescore_parts:  # trained once here, not once per worker
+            for part in [*self.folds, *self.rescore_parts, *self.final.values()]:
                 self._stage1_head(part)
             self._pool = PartPool(self, self.jobs)
-        return self._pool.scores(cand, overrides, which, range(len(parts)))
+        return self._pool
 
     def close(self) -> None:
         """Stop the worker processes (if any were forked)."""
@@ -577,8 +590,7 @@ def evaluate_final(bench: Bench, cand: Candidate, overrides: dict[str, Any], see
     """Retrain for every seed on the train / validation split and evaluate each on test once; aggregates and
     per-seed records."""
     records = []
-    for seed in range(seeds):
-        model, val, extra = bench.fit(cand, overrides, bench.final[seed])
+    for seed, (model, val, extra) in enumerate(bench.final_fits(cand, overrides, seeds)):
         test = bench.test_metrics(model)
         records.append({"seed": seed, "val": val, "test": summarize(test), "extra": extra,
                         "per_class": [float(a) for a in test["per_class"]]})
@@ -768,8 +780,6 @@ def _tune_all(bench: Bench, cc: CompareConfig, methods: list[str], storage: Any,
 
 
 def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: bool) -> dict[str, Any]:
-    from ._progress import progress_bar as tqdm  # live on a terminal, one line in a log
-
     start = time.perf_counter()
     storage = _open_storage(cc.storage_url(base.output_dir))
     bench = Bench(base, cc.seeds, progress=progress, max_epochs=cc.max_epochs, cv_folds=cc.cv_folds,
@@ -778,10 +788,29 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
     _check_protocol(storage, _protocol(base, cc))
     try:
         tuned = _tune_all(bench, cc, methods, storage, cc.storage is None, progress)
+        final_start = time.perf_counter()
+        rows, models = _retrain_all(bench, cc, tuned, progress)
     finally:
         bench.close()
+    reference = _pick(rows, baselines_only=True)
+    _paired(rows, reference)
+    best = _pick(rows, baselines_only=False)
+    report = {"schema": SCHEMA, "setting": _setting(base, cc), "best_baseline": reference, "best": best,
+              "chosen_on": cc.selection, "methods": rows, "test_evaluations": bench.test_evaluations,
+              "plot_top": cc.plot_top, "wall_time_s": round(time.perf_counter() - start, 1),
+              "tuning_time_s": round(sum(t["trial_seconds"] for t in tuned.values()), 1),
+              "final_time_s": round(time.perf_counter() - final_start, 1)}
+    _write_outputs(report, (best, models[best], rows[best]), bench, Path(base.output_dir))
+    return report
+
+
+def _retrain_all(bench: Bench, cc: CompareConfig, tuned: dict[str, dict[str, Any]],
+                 progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every method's chosen configuration and published recipe retrained per seed and evaluated on test: the
+    report's rows, and each row's seed-0 model."""
+    from ._progress import progress_bar as tqdm  # live on a terminal, one line in a log
+
     rows, models = {}, {}
-    final_start = time.perf_counter()
     bar = tqdm(total=2 * cc.seeds * len(tuned), desc="final retraining", disable=not progress)
     for label, t in tuned.items():  # every study is finished: now, and only now, the test split is read
         method_start = time.perf_counter()
@@ -796,16 +825,7 @@ def _compare(base: RunConfig, cc: CompareConfig, methods: list[str], progress: b
         rows[label]["recipe_is_tuned"] = same
         rows[label]["final_s"] = round(time.perf_counter() - method_start, 1)  # its retraining and test runs
     bar.close()
-    reference = _pick(rows, baselines_only=True)
-    _paired(rows, reference)
-    best = _pick(rows, baselines_only=False)
-    report = {"schema": SCHEMA, "setting": _setting(base, cc), "best_baseline": reference, "best": best,
-              "chosen_on": cc.selection, "methods": rows, "test_evaluations": bench.test_evaluations,
-              "plot_top": cc.plot_top, "wall_time_s": round(time.perf_counter() - start, 1),
-              "tuning_time_s": round(sum(t["trial_seconds"] for t in tuned.values()), 1),
-              "final_time_s": round(time.perf_counter() - final_start, 1)}
-    _write_outputs(report, (best, models[best], rows[best]), bench, Path(base.output_dir))
-    return report
+    return rows, models
 
 
 def _setting(base: RunConfig, cc: CompareConfig) -> dict[str, Any]:

@@ -57,9 +57,10 @@ class CompareConfig:
     sampler_seed: int = _f(0, "seed of the TPE sampler")
     plot_top: int = _f(4, "methods drawn in the accuracy-vs-frequency plot")
     max_epochs: int | None = _f(None, "cap on the stage-2 epochs of every trial and retraining; none: no cap")
-    jobs: int = _f(1, "worker processes that fit a trial's cross-validation parts side by side, one thread each "
-                      "(CPU only; forked once the folds' stage-1 heads are trained). The scores do not depend "
-                      "on it; on a CPU with N free cores, N makes the studies about N times faster")
+    jobs: int = _f(1, "worker processes that fit a trial's cross-validation parts, and the final retraining's "
+                      "seeds, side by side, one thread each (CPU only; forked once the stage-1 heads are "
+                      "trained). The scores do not depend on it; on a CPU with N free cores, N makes the studies "
+                      "about N times faster")
     progress: bool = _f(True, "progress bars")
 
     def storage_url(self, output_dir: str | Path) -> str:

@@ -1,11 +1,13 @@
-"""Worker processes that fit a trial's cross-validation parts side by side (``--jobs``).
+"""Worker processes that fit a trial's cross-validation parts, and the final retraining's seeds, side by side
+(``--jobs``).
 
 A trial is scored on K x R parts whose fits share nothing but the cached features and their stage-1 heads, and
 each fit seeds itself from its part, so the parts can be fitted in any order and in any process. On a CPU the fits
 are small (a linear head on cached features) and a single process keeps one core busy at best; ``--jobs N`` forks
 N single-threaded processes once every part's stage-1 head is trained, each holding the parent's bench (features,
 folds, heads) by copy-on-write, and hands them (method, configuration, part) triples: only the triple goes out and
-one number comes back. The study, its sampler and the order of the scores stay in the parent, so the table is the
+one number comes back (a trained model, for the final retraining, which the parent then evaluates: the test split
+is read there only). The study, its sampler and the order of the scores stay in the parent, so the table is the
 one a single process makes with one thread.
 
 Forking is only safe before a CUDA context exists and where the platform has ``fork``: elsewhere ``--jobs`` above 1
@@ -21,7 +23,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = ["check_jobs", "PartPool"]
 
@@ -53,9 +55,13 @@ def _start_worker(parent: int) -> None:
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
-def _score(job: tuple[str, int, Any, dict[str, Any]]) -> float:
+def _fit(job: tuple[str, int, Any, dict[str, Any]]) -> tuple[Any, dict[str, float], dict]:
     which, index, cand, overrides = job
-    return _BENCH.fit(cand, overrides, getattr(_BENCH, which)[index])[1]["balanced"]
+    return _BENCH.fit(cand, overrides, getattr(_BENCH, which)[index])
+
+
+def _score(job: tuple[str, int, Any, dict[str, Any]]) -> float:
+    return _fit(job)[1]["balanced"]
 
 
 class PartPool:
@@ -82,6 +88,12 @@ class PartPool:
     def scores(self, cand: Any, overrides: dict[str, Any], which: str, indices: Sequence[int]) -> list[float]:
         """Balanced accuracy of the candidate with ``overrides`` on ``getattr(bench, which)[i]`` for each index."""
         return list(self._pool.map(_score, [(which, i, cand, overrides) for i in indices]))
+
+    def fits(self, cand: Any, overrides: dict[str, Any], which: str,
+             indices: Sequence[int]) -> Iterator[tuple[Any, dict[str, float], dict]]:
+        """The fits themselves (model, metrics of the scored rows, what the method reported), in order as they
+        finish: the final retraining, whose models the parent evaluates on test."""
+        return self._pool.map(_fit, [(which, i, cand, overrides) for i in indices])
 
     def close(self) -> None:
         """Stop the workers now: between trials none is busy; after an error or Ctrl-C a running fit is dropped

@@ -434,8 +434,8 @@ def test_parts_fitted_in_worker_processes_score_as_in_one_process(tmp_path: Path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a worker's thread count: the same arithmetic in both
     try:
-        one = cmp.Bench(base, seeds=1, progress=False, cv_folds=3)
-        two = cmp.Bench(base, seeds=1, progress=False, cv_folds=3, jobs=2)
+        one = cmp.Bench(base, seeds=2, progress=False, cv_folds=3)
+        two = cmp.Bench(base, seeds=2, progress=False, cv_folds=3, jobs=2)
         got, before = {}, set(psutil.Process().children())
         for method, overrides in [("logit_adjusted", {"loss_kwargs": {"tau": 1.0}}),
                                   ("logit_adjusted", {"loss_kwargs": {"tau": 2.0}, "stage2_epochs": 5}), ("lws", {})]:
@@ -443,6 +443,11 @@ def test_parts_fitted_in_worker_processes_score_as_in_one_process(tmp_path: Path
             got[method, str(overrides)] = two.score(cand, overrides)
             assert got[method, str(overrides)] == one.score(cand, overrides)  # bitwise, part by part, in order
         assert len({s for scores in got.values() for s in scores}) > 3  # scores that could tell a mix-up
+        # the final retraining's models come back from the workers, seed by seed, as trained here
+        for seed, (model, val, _) in enumerate(two.final_fits(cmp.Candidate("lws", "lws"), {}, 2)):
+            mine, mine_val, _ = one.fit(cmp.Candidate("lws", "lws"), {}, one.final[seed])
+            assert json.dumps(val, sort_keys=True) == json.dumps(mine_val, sort_keys=True)  # NaN where no class is many
+            assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), mine.state_dict().values()))
         workers = [w for w in psutil.Process().children() if w not in before]
         assert len(workers) == 2 and all(w.cmdline() == psutil.Process().cmdline() for w in workers)  # forked
         two.close()
@@ -484,16 +489,17 @@ def _table(out: Path) -> str:
 
 
 def test_sigkill_mid_study_then_restart_gives_the_straight_through_table(tmp_path: Path) -> None:
-    """The killed run fits its parts in two worker processes, the others in one: the table is the same, and the
-    workers do not outlive their killed parent."""
+    """The killed and the resumed run fit their parts (and the resumed one its final retraining) in two worker
+    processes, the straight run in one: the table is the same, and the workers do not outlive their killed
+    parent."""
     import psutil
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # workers run one thread each
-    straight = subprocess.run(_argv(tmp_path / "straight"), cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+    straight = subprocess.run(_argv(tmp_path / "straight", "--seeds", "2"), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_argv(out, "--jobs", "2"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_argv(out, "--jobs", "2", "--seeds", "2"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     db = out / "study.db"
     deadline = time.monotonic() + 300
@@ -507,7 +513,8 @@ def test_sigkill_mid_study_then_restart_gives_the_straight_through_table(tmp_pat
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, "worker processes outlived the killed comparison"
     assert 2 <= len(_complete(db, "logit_adjusted")) < 4
-    resumed = subprocess.run(_argv(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_argv(out, "--jobs", "2", "--seeds", "2"), cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)  # its final retraining in the workers too
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming: 4 trials done (crt)" in resumed.stderr
     assert "resuming: " in resumed.stderr.split("(crt)")[1]
