@@ -344,6 +344,11 @@ def _space(method: str) -> list[tuple]:
     return probe.asked
 
 
+def _budget(method: str, trials: int) -> int:
+    """The trials a method's study gets: the budget, or one where the method has nothing to tune."""
+    return trials if _space(method) else 1
+
+
 def _default_trial(cand: Candidate, base: RunConfig) -> dict[str, Any]:
     """The published recipe and the method's published values of what it searches, as trial parameters (enqueued
     first)."""
@@ -454,7 +459,7 @@ def tune(bench: Bench, cand: Candidate, cc: CompareConfig, storage: Any, bar: An
     import optuna
 
     cls = get_method(cand.method)
-    budget = cc.trials if _space(cand.method) else 1
+    budget = _budget(cand.method, cc.trials)
     study = _open_study(cand, cc, storage, exclusive, _protocol(bench.base, cc))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     _enqueue_recipe(study, cand, bench.base)
@@ -630,8 +635,8 @@ def _same_study(bench: Bench, cand: Candidate, others: list[Candidate]) -> str |
     def recipe(c: Candidate) -> RunConfig:
         return dataclasses.replace(bench.config_for(c, {}, bench.base.seed), method="")
 
-    mine = recipe(cand)
-    return next((o.label for o in others if _space(o.method) == _space(cand.method) and recipe(o) == mine), None)
+    mine, space = recipe(cand), _space(cand.method)
+    return next((o.label for o in others if _space(o.method) == space and recipe(o) == mine), None)
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -756,10 +761,8 @@ def _tune_all(bench: Bench, cc: CompareConfig, methods: list[str], storage: Any,
     from ._progress import progress_bar as tqdm  # live on a terminal, one line in a log
 
     cands = [Candidate(get_method(m).name, m) for m in methods]
-    budget = lambda method: cc.trials if _space(method) else 1  # noqa: E731 - nothing to tune: one trial
     fusions = [m for m in fusion_methods() if m in methods] if cc.combos else []
-    bar = tqdm(total=sum(budget(m) for m in methods) + sum(budget(m) for m in fusions), desc="trials",
-               disable=not progress)
+    bar = tqdm(total=sum(_budget(m, cc.trials) for m in [*methods, *fusions]), desc="trials", disable=not progress)
     tuned: dict[str, dict[str, Any]] = {}
 
     def run(c: Candidate) -> None:
@@ -770,8 +773,8 @@ def _tune_all(bench: Bench, cc: CompareConfig, methods: list[str], storage: Any,
     for c in cands:
         run(c)
     combos = _combos(bench, tuned, methods) if cc.combos else []
-    if bar is not None and len(combos) < len(fusions):  # a combination that is a compared method is not run
-        bar.total = bar.n + sum(budget(c.method) for c in combos)
+    if len(combos) < len(fusions):  # a combination that is a compared method is not run
+        bar.total = bar.n + sum(_budget(c.method, cc.trials) for c in combos)
         bar.refresh()
     for c in combos:
         run(c)

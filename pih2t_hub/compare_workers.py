@@ -91,8 +91,9 @@ class PartPool:
 
     def fits(self, cand: Any, overrides: dict[str, Any], which: str,
              indices: Sequence[int]) -> Iterator[tuple[Any, dict[str, float], dict]]:
-        """The fits themselves (model, metrics of the scored rows, what the method reported), in order as they
-        finish: the final retraining, whose models the parent evaluates on test."""
+        """The fits themselves (model, metrics of the scored rows, what the method reported), in the order of
+        ``indices``, each as soon as it and those before it are done: the final retraining, whose models the parent
+        evaluates on test."""
         return self._pool.map(_fit, [(which, i, cand, overrides) for i in indices])
 
     def close(self) -> None:
